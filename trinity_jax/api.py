@@ -1,0 +1,82 @@
+"""Notebook-facing API: `tj.load(dir)` -> LoadedModel, `tj.export_hf(model, out_dir)`."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trinity_jax.config import ModelConfig
+from trinity_jax.model import Transformer
+
+
+class LoadedModel:
+    """A model config + variables, with jitted entry points for probing and generation."""
+
+    def __init__(self, config: ModelConfig, variables: dict, tokenizer: Any = None,
+                 metadata: dict | None = None, path: str | None = None):
+        self.config = config
+        self.variables = variables
+        self.tokenizer = tokenizer
+        self.metadata = dict(metadata or {})
+        self.path = path
+        self.module = Transformer(config)
+
+    @property
+    def params(self) -> dict:
+        return self.variables["params"]
+
+    @functools.cached_property
+    def _logits_fn(self):
+        return jax.jit(lambda v, t: self.module.apply(v, t)[0])
+
+    def logits(self, tokens) -> np.ndarray:
+        """int [B, S] -> float32 [B, S, V] (full forward, no cache)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens: expected an int array [batch, seq], got shape {tokens.shape}")
+        if int(tokens.max()) >= self.config.vocab_size or int(tokens.min()) < 0:
+            raise ValueError(f"tokens: ids must be in [0, vocab_size={self.config.vocab_size})")
+        return np.asarray(self._logits_fn(self.variables, tokens))
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"LoadedModel(d={c.hidden_size}, layers={c.num_hidden_layers}, experts={c.num_experts}, "
+                f"k={c.num_experts_per_tok}, vocab={c.vocab_size}, path={self.path!r})")
+
+
+def load(path: str) -> LoadedModel:
+    """Load our variant directory or a Hugging Face AFMoE directory (auto-detected)."""
+    from trinity_jax.checkpoint import hf
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory")
+    if hf.is_hf_dir(path):
+        cfg, variables = hf.load_hf_dir(path)
+        variables = jax.tree_util.tree_map(jnp.asarray, variables)
+        tok = None
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            from tokenizers import Tokenizer
+            tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        return LoadedModel(cfg, variables, tok, {"format": "huggingface"}, path)
+    try:
+        from trinity_jax.checkpoint import variants
+    except ImportError:
+        variants = None
+    if variants is not None and variants.is_variant_dir(path):
+        return variants.load_variant(path)
+    raise ValueError(f"{path}: neither a Hugging Face AFMoE directory (config.json with model_type 'afmoe') "
+                     "nor a trinity_jax variant directory")
+
+
+def export_hf(model: LoadedModel, out_dir: str) -> str:
+    """Write `model` as a Hugging Face AFMoE directory (loadable by AfmoeForCausalLM.from_pretrained)."""
+    from trinity_jax.checkpoint import hf
+
+    path = hf.save_hf_dir(model.config, jax.device_get(model.variables), out_dir)
+    if model.tokenizer is not None and hasattr(model.tokenizer, "save"):
+        model.tokenizer.save(os.path.join(path, "tokenizer.json"))
+    return path
