@@ -43,8 +43,8 @@ def get_config():
     c.train.balance = "smebu"
     c.train.batch_ramp = ((4900000000000, 16384),)
     c.train.steps = 168383
-    c.mesh.replica = -1
-    c.mesh.fsdp = 128
+    c.mesh.replica = -1   # HSDP: FSDP groups of 16 x 8 (expert) = 128 devices, replicated
+    c.mesh.fsdp = 16
     c.mesh.expert = 8
     c.data.phases = [
         {"name": "phase1", "tokens": 11000000000000, "mixture": {"stdlib": 1.0}},

@@ -38,6 +38,9 @@ def get_config():
     c.train.log_every = 10
     c.train.eval_batches = 8
     c.checkpoint.every = 100
+    c.sft.steps = 60
+    c.sft.warmup_steps = 6
+    c.sft.batch_size = 16
     c.data.sources = {"lib": "stdlib:lib", "tests": "stdlib:tests", "docs": "stdlib:docs"}
     c.data.phases = [
         {"name": "phase1", "tokens": 11_000_000, "mixture": {"lib": 0.8, "tests": 0.2}},

@@ -1,6 +1,9 @@
 """Command line: `python -m trinity_jax <command>` (or the `trinity` console script).
 
-    train       --config FILE --workdir DIR [--config.a.b=v ...]   train (resumes from DIR)
+    quickstart  [--config experiments/tiny.py] [--workdir runs/quickstart]   the main job
+    train       --config FILE --workdir DIR [--config.a.b=v ...]   pre-train (+ SFT if sft.steps > 0);
+                resumes from DIR, writes variants/{truebase,base,preview}
+    sft         --config FILE --workdir DIR                        only the SFT stage (Base -> Preview)
     plan        --config FILE [--mesh replica=16,fsdp=128,expert=8 --devices 2048]
     convert-hf  --hf HF_DIR --out OUT_DIR          import an AFMoE directory into a variant dir
     export      --workdir DIR --variant base [--hf OUT]
@@ -102,16 +105,11 @@ def cmd_convert_hf(args, overrides) -> int:
     return 0
 
 
-def cmd_train(args, overrides) -> int:
-    cfg = load_experiment(args.config, overrides)
-    from trinity_jax.train import loop
-
+def _maybe_distributed(args) -> None:
     if args.coordinator or os.environ.get("SLURM_NTASKS") or os.environ.get("TRINITY_COORDINATOR"):
         from trinity_jax.parallel import distributed
         distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                process_id=args.process_id)
-    loop.train(cfg, args.workdir)
-    return 0
 
 
 def cmd_export(args, overrides) -> int:
@@ -136,6 +134,27 @@ def cmd_generate(args, overrides) -> int:
     return 0
 
 
+def cmd_sft(args, overrides) -> int:
+    from trinity_jax import recipe
+
+    cfg = load_experiment(args.config, overrides)
+    if cfg.sft.steps <= 0:
+        raise ValueError("sft.steps=0: set --config.sft.steps=N (> 0) to run the SFT stage")
+    recipe.post_train(cfg, args.workdir)
+    return 0
+
+
+def cmd_pretrain(args, overrides) -> int:
+    from trinity_jax import recipe
+
+    cfg = load_experiment(args.config, overrides)
+    _maybe_distributed(args)
+    recipe.pretrain(cfg, args.workdir)
+    if cfg.sft.steps > 0:
+        recipe.post_train(cfg, args.workdir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trinity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host)")
     t.add_argument("--num-processes", type=int, default=None)
     t.add_argument("--process-id", type=int, default=None)
-    t.set_defaults(fn=cmd_train)
+    t.set_defaults(fn=cmd_pretrain)
+
+    s = sub.add_parser("sft", help="run only the SFT stage (Base -> Preview) of a workdir")
+    s.add_argument("--config", required=True)
+    s.add_argument("--workdir", required=True)
+    s.set_defaults(fn=cmd_sft)
 
     pl = sub.add_parser("plan", help="parameter / FLOP counts; with --mesh, per-device memory and time")
     pl.add_argument("--config", required=True)
@@ -187,7 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
+    if verbose:
+        argv.remove("--verbose")
     try:
+        if argv and argv[0] == "quickstart":
+            from trinity_jax import quickstart
+            return quickstart.main(argv[1:])
         rest, overrides = _split_overrides(argv)
         args = build_parser().parse_args(rest)
         fn: Callable = args.fn

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 __all__ = [
     "ConfigError", "ModelConfig", "MeshConfig", "OptimConfig", "PhaseConfig", "DataConfig",
-    "TrainConfig", "CheckpointConfig", "ExperimentConfig", "from_config_dict", "to_config_dict",
+    "TrainConfig", "CheckpointConfig", "SFTConfig", "ExperimentConfig", "from_config_dict", "to_config_dict",
     "MOE_IMPLS", "ATTENTION_IMPLS", "REMAT_POLICIES",
 ]
 
@@ -180,9 +180,11 @@ class OptimConfig:
     decay_final_fraction: float = 0.0  # cosine_to_fraction: final LR / peak (Large 0.1)
     decay_start_phase: int = -1        # index of the data phase where decay starts (-1: last)
     router_on_muon: bool = True
+    hidden_optimizer: str = "muon"     # muon | adamw (ablation / like-for-like benchmarks: every matrix on AdamW)
 
     def validate(self) -> None:
         _choice(self, "optim", "decay", ("linear_to_zero", "cosine_to_fraction", "none"))
+        _choice(self, "optim", "hidden_optimizer", ("muon", "adamw"))
         for name in ("muon_lr", "adam_lr", "weight_decay", "clip_norm", "adam_eps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"optim.{name}={getattr(self, name)}: must be >= 0")
@@ -266,7 +268,7 @@ class TrainConfig:
     smebu_beta: float = 0.5
     smebu_kappa: float = 2.0
     sign_gamma: float = 1e-3
-    loss_chunk_size: int = 1024   # tokens per cross-entropy chunk
+    loss_chunk_size: int = 1024   # sequence positions per cross-entropy chunk (a chunk is [batch, chunk])
     max_nonfinite_steps: int = 5
     peak_flops: float = 0.0    # per device; 0 = measure a matmul at start-up for MFU
     batch_ramp: tuple = ()     # ((tokens_seen, batch_size), ...) ascending
@@ -304,6 +306,26 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """The post-training stage that turns Base into Preview (SPEC §4): LR warms linearly to
+    lr_fraction × the pre-training peaks, then decays linearly to 0; assistant-only loss."""
+
+    steps: int = 0             # 0: no SFT stage (no Preview)
+    lr_fraction: float = 0.1
+    warmup_steps: int = 10
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        if self.steps < 0 or self.warmup_steps < 0:
+            raise ConfigError(f"sft.steps={self.steps}, sft.warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.steps and self.warmup_steps >= self.steps:
+            raise ConfigError(f"sft.warmup_steps={self.warmup_steps} must be < sft.steps={self.steps}")
+        if not 0 < self.lr_fraction <= 1:
+            raise ConfigError(f"sft.lr_fraction={self.lr_fraction}: must be in (0, 1]")
+        _positive(self, "batch_size")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
@@ -311,6 +333,7 @@ class ExperimentConfig:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    sft: SFTConfig = SFTConfig()
 
     def validate(self) -> "ExperimentConfig":
         for f in dataclasses.fields(self):
@@ -338,7 +361,7 @@ def _choice(obj, group, name, allowed):
 
 
 _GROUPS = {"model": ModelConfig, "mesh": MeshConfig, "optim": OptimConfig, "data": DataConfig,
-           "train": TrainConfig, "checkpoint": CheckpointConfig}
+           "train": TrainConfig, "checkpoint": CheckpointConfig, "sft": SFTConfig}
 _GROUP_OF = {v: k for k, v in _GROUPS.items()}
 
 

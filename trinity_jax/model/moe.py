@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from trinity_jax.config import ModelConfig
 from trinity_jax.model.initializers import truncated_normal_3sigma
 from trinity_jax.model.mlp import Linear, SwiGLU
+from trinity_jax.parallel.expert import moe_dispatch
 
 
 class ExpertWeights(NamedTuple):
@@ -251,15 +252,15 @@ class MoE(nn.Module):
         std = cfg.sigma
         router_std = cfg.router_init_std if cfg.router_init_std is not None else std
         bias = self.variable("balance", "expert_bias",
-                             lambda: nn.Partitioned(jnp.zeros((e,), jnp.float32), names=("exp",)))
+                             lambda: nn.LogicallyPartitioned(jnp.zeros((e,), jnp.float32), names=("exp",)))
         logits = Linear(e, ("embed", "router"), router_std, jnp.float32, name="router")(
             x.reshape(b * s, d).astype(jnp.float32))                        # [T, E] fp32
         weights, experts, scores = route(logits, nn.unbox(bias.value), k, cfg.route_scale)
 
         ew = Experts(e, im, std, name="experts")(d)
-        impl = get_moe_impl(cfg.moe_impl)
-        routed, dropped = impl(x.reshape(b * s, d).astype(dtype), ew, weights, experts,
-                               num_experts=e, capacity_factor=cfg.capacity_factor)
+        # Expert parallelism when a mesh with expert > 1 is active, else the registry impl directly.
+        routed, dropped = moe_dispatch(x.reshape(b * s, d).astype(dtype), ew, weights, experts,
+                                       num_experts=e, impl=cfg.moe_impl, capacity_factor=cfg.capacity_factor)
         y = routed.astype(dtype).reshape(b, s, d)
         if cfg.num_shared_experts > 0:
             y = y + SwiGLU(im * cfg.num_shared_experts, std, dtype, "shared", name="shared_experts")(x)

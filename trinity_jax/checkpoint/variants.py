@@ -1,0 +1,146 @@
+"""Released variants (SPEC §5): TrueBase, Base, Preview as params-only checkpoints.
+
+A variant directory holds
+    params/          Orbax checkpoint of {'params', 'balance'} in the variant dtype (bf16 default)
+    model.json       the ModelConfig (our field names = HF AfmoeConfig names)
+    experiment.json  the full resolved experiment config it came from (if any)
+    tokenizer.json   the tokenizer (if any)
+    metadata.json    name, dtype, step, tokens_seen, phase, parent, source commit, created
+and is written atomically (temp dir renamed into place), so a reader never sees half a variant.
+`tj.load(path)` loads it; `export(workdir, name, hf_dir=...)` re-exports on demand.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trinity_jax.config import ConfigError, ModelConfig, model_config
+
+VARIANTS = ("truebase", "base", "preview")
+_MARKER = "metadata.json"
+
+
+def source_commit() -> str:
+    """The git commit of the code that wrote a file ('unknown' outside a checkout)."""
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def is_variant_dir(path: str) -> bool:
+    return (os.path.isfile(os.path.join(path, _MARKER)) and os.path.isfile(os.path.join(path, "model.json"))
+            and os.path.isdir(os.path.join(path, "params")))
+
+
+def _cast(tree: Any, dtype: str) -> Any:
+    dt = jnp.dtype(dtype)
+    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)).astype(dt), tree)
+
+
+def save_variant(model, path: str, *, name: str, metadata: dict | None = None, dtype: str = "bfloat16",
+                 experiment: dict | None = None) -> str:
+    """Write `model` (a LoadedModel) as a variant directory at `path` (replacing an old one atomically)."""
+    import orbax.checkpoint as ocp
+
+    if dtype not in ("bfloat16", "float32", "float16"):
+        raise ConfigError(f"variant dtype={dtype!r}: allowed bfloat16, float32, float16")
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
+    try:
+        tree = {"params": _cast(model.variables["params"], dtype)}
+        if "balance" in model.variables:
+            tree["balance"] = _cast(model.variables["balance"], "float32")   # expert_bias stays fp32
+        ckptr = ocp.PyTreeCheckpointer()
+        ckptr.save(os.path.join(tmp, "params"), tree)
+        with open(os.path.join(tmp, "model.json"), "w") as f:
+            json.dump(dataclasses.asdict(model.config), f, indent=2)
+        if experiment is not None:
+            with open(os.path.join(tmp, "experiment.json"), "w") as f:
+                json.dump(experiment, f, indent=2)
+        tok = model.tokenizer
+        if tok is not None:
+            src = getattr(tok, "path", None)
+            if src and os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(tmp, "tokenizer.json"))
+            elif hasattr(tok, "save"):
+                tok.save(os.path.join(tmp, "tokenizer.json"))
+        meta = {"name": name, "dtype": dtype, "source_commit": source_commit(),
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        meta.update(metadata or {})
+        with open(os.path.join(tmp, _MARKER), "w") as f:       # written last: marks the dir complete
+            json.dump(meta, f, indent=2)
+        old = path + ".old"
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_model_config(path: str) -> ModelConfig:
+    with open(os.path.join(path, "model.json")) as f:
+        raw = json.load(f)
+    try:
+        return model_config(**raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}/model.json: {e}") from None
+
+
+def load_variant(path: str, compute_dtype: str | None = None):
+    """Variant directory -> LoadedModel (params upcast to fp32; compute dtype from the config)."""
+    import orbax.checkpoint as ocp
+
+    from trinity_jax.api import LoadedModel
+
+    if not is_variant_dir(path):
+        raise ValueError(f"{path}: not a complete variant directory (needs params/, model.json, {_MARKER})")
+    cfg = read_model_config(path)
+    if compute_dtype is not None:
+        cfg = dataclasses.replace(cfg, dtype=compute_dtype)
+    with open(os.path.join(path, _MARKER)) as f:
+        meta = json.load(f)
+    tree = ocp.PyTreeCheckpointer().restore(os.path.join(path, "params"))
+    variables = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x), jnp.float32), tree)
+    tok = None
+    tok_path = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tok_path):
+        from trinity_jax.data.tokenizer import load_tokenizer
+        tok = load_tokenizer(tok_path, cfg.vocab_size, pad_id=cfg.pad_token_id, bos_id=cfg.bos_token_id,
+                             eos_id=cfg.eos_token_id)
+    return LoadedModel(cfg, variables, tok, meta, path)
+
+
+def export(workdir: str, name: str, *, hf_dir: str | None = None, dtype: str | None = None) -> str:
+    """Re-export variant `name` of a training workdir (optionally in another dtype and/or as HF)."""
+    if name not in VARIANTS:
+        raise ConfigError(f"--variant {name!r}: allowed {list(VARIANTS)}")
+    path = os.path.join(workdir, "variants", name)
+    if not is_variant_dir(path):
+        raise FileNotFoundError(f"{path}: variant {name!r} has not been written yet (train through its phase first)")
+    model = load_variant(path)
+    if dtype is not None and dtype != model.metadata.get("dtype"):
+        save_variant(model, path, name=name, metadata=model.metadata | {"dtype": dtype}, dtype=dtype)
+    if hf_dir:
+        from trinity_jax.api import export_hf
+        return export_hf(model, hf_dir)
+    return path
