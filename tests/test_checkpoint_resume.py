@@ -146,10 +146,10 @@ def test_sigterm_saves_and_exits_zero_then_resumes(setup_dir, reference, tmp_pat
     cfg, ref_losses, _ = reference
     work = tmp_path / "run"
     proc = subprocess.Popen(_cmd(cfg, str(work), "--config.checkpoint.every=100"), env=_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert _wait_for(lambda: os.path.isfile(work / "metrics.jsonl") and len(_losses(work)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    err, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     saved = _checkpoint_steps(work)
     assert saved and "SIGTERM: saved step" in err

@@ -42,6 +42,42 @@ class LoadedModel:
             raise ValueError(f"tokens: ids must be in [0, vocab_size={self.config.vocab_size})")
         return np.asarray(self._logits_fn(self.variables, tokens))
 
+    # ------------------------------------------------------------------ generation and probing
+    def generate(self, prompt, max_new_tokens: int = 64, *, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 chat: bool = False, stream: bool = False, seed: int = 0, interventions: Any = None):
+        """Text -> generated text (a generator of pieces with stream=True).
+
+        Unset sampling settings take the Preview defaults (temperature 0.15, top_k 50, top_p 0.75,
+        min_p 0.06; SPEC §5); temperature=0 is greedy. chat=True wraps `prompt` (a string or a
+        list of {"role", "content"} messages) in the chat template and stops at <|end|>;
+        otherwise the prompt is prefixed with <bos> and generation stops at <eos>.
+        """
+        from trinity_jax.inference.generate import generate_text
+
+        return generate_text(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             min_p=min_p, chat=chat, stream=stream, seed=seed, interventions=interventions)
+
+    def generate_tokens(self, token_ids, max_new_tokens: int = 16, *, temperature: float = 0.0,
+                        top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                        seed: int = 0, stop_tokens=None, interventions: Any = None) -> np.ndarray:
+        """int [B, S] -> int [B, S + max_new_tokens] (KV-cached; temperature 0.0 = greedy).
+
+        With `stop_tokens`, a row that emits one is padded with pad_token_id afterwards.
+        """
+        from trinity_jax.inference.generate import generate_tokens
+
+        return generate_tokens(self, token_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
+                               interventions=interventions)
+
+    def probe(self, tokens, *, interventions: Any = None, logit_lens: bool = True):
+        """Residual stream, attention gates, router scores/choices, expert_bias and a logit lens per
+        layer, optionally under interventions (see `trinity_jax.inference.probe`)."""
+        from trinity_jax.inference.probe import probe
+
+        return probe(self, tokens, interventions=interventions, logit_lens=logit_lens)
+
     def __repr__(self) -> str:
         c = self.config
         return (f"LoadedModel(d={c.hidden_size}, layers={c.num_hidden_layers}, experts={c.num_experts}, "
@@ -59,8 +95,8 @@ def load(path: str) -> LoadedModel:
         variables = jax.tree_util.tree_map(jnp.asarray, variables)
         tok = None
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            from tokenizers import Tokenizer
-            tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+            from trinity_jax.data.tokenizer import load_tokenizer
+            tok = load_tokenizer(os.path.join(path, "tokenizer.json"), cfg.vocab_size)
         return LoadedModel(cfg, variables, tok, {"format": "huggingface"}, path)
     try:
         from trinity_jax.checkpoint import variants

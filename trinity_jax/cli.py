@@ -1,6 +1,8 @@
 """Command line: `python -m trinity_jax <command>` (or the `trinity` console script).
 
     quickstart  [--config experiments/tiny.py] [--workdir runs/quickstart]   the main job
+    ablate      experiments/ablations/GROUP.py [--workdir DIR] [--config.a.b=v ...]   run a group's
+                variants (resumable), then write DIR/comparison.md and loss / MaxVio plots
     train       --config FILE --workdir DIR [--config.a.b=v ...]   pre-train (+ SFT if sft.steps > 0);
                 resumes from DIR, writes variants/{truebase,base,preview}
     sft         --config FILE --workdir DIR                        only the SFT stage (Base -> Preview)
@@ -217,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "quickstart":
             from trinity_jax import quickstart
             return quickstart.main(argv[1:])
+        if argv and argv[0] == "ablate":
+            from trinity_jax import ablate
+            return ablate.main(argv[1:])
         rest, overrides = _split_overrides(argv)
         args = build_parser().parse_args(rest)
         fn: Callable = args.fn

@@ -1,0 +1,175 @@
+"""Run metrics: metrics.jsonl + TensorBoard writer, FLOPs/MFU, and the end-of-run PNG plots."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["MetricsWriter", "to_python", "flops_per_token", "measure_matmul_peak",
+           "peak_flops_total", "plot_losses", "plot_expert_load"]
+
+
+def to_python(metrics: dict) -> dict:
+    """Device arrays -> floats / ints / nested lists (JSON-able)."""
+    out = {}
+    for k, v in metrics.items():
+        a = np.asarray(jax.device_get(v))
+        if a.ndim == 0:
+            out[k] = int(a) if np.issubdtype(a.dtype, np.integer) else float(a)
+        else:
+            out[k] = a.tolist()
+    return out
+
+
+class MetricsWriter:
+    """One JSON object per line to ``workdir/metrics.jsonl`` and scalars to ``workdir/tb/``.
+
+    Only process 0 writes (pass ``enabled=False`` elsewhere). Lists are written to JSON;
+    TensorBoard gets scalars, and a list ``x`` becomes ``x/0, x/1, ...``.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.records: list[dict] = []
+        self._f = None
+        self._tb = None
+        if not enabled:
+            return
+        self._f = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        try:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        except ImportError:  # flax's writer needs tensorflow; without tensorboardX skip TB
+            self._tb = None
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if not self.enabled:
+            return
+        self._f.write(json.dumps(record, allow_nan=True) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            step = int(record["step"])
+            for k, v in record.items():
+                if k == "step" or v is None or isinstance(v, str):
+                    continue
+                values = enumerate(v) if isinstance(v, list) else [(None, v)]
+                for i, x in values:
+                    if isinstance(x, (int, float)) and math.isfinite(x):
+                        self._tb.add_scalar(k if i is None else f"{k}/{i}", x, step)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+# ----------------------------------------------------------------------------- FLOPs / MFU
+
+def flops_per_token(model_cfg, seq_len: int, params: Any = None) -> float:
+    """Train FLOPs per token: ``model.counting.train_flops_per_token`` if present, else
+    6 × active parameters (experts counted at k/E, embedding lookup excluded)."""
+    try:
+        from trinity_jax.model.counting import train_flops_per_token
+    except ImportError:
+        train_flops_per_token = None
+    if train_flops_per_token is not None:
+        return float(train_flops_per_token(model_cfg, seq_len))
+    active = 0.0
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        p = "/".join(str(getattr(k, "key", k)) for k in path)
+        n = math.prod(x.shape)
+        if "embed_tokens" in p:
+            continue
+        if "/experts/" in p:
+            n *= model_cfg.num_experts_per_tok / model_cfg.num_experts
+        active += n
+    return 6.0 * active
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 3, dtype=jnp.float32) -> float:
+    """Achieved FLOP/s of an n³ matmul on the default device (best of ``repeats``)."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+def peak_flops_total(train_cfg, dtype=jnp.float32) -> tuple[float, str]:
+    """Peak FLOP/s of all devices together and how it was obtained.
+
+    ``train.peak_flops`` is per device; 0 measures a matmul at start-up. On CPU the emulated
+    devices share the same cores, so the measured host figure is the total.
+    """
+    if train_cfg.peak_flops > 0:
+        return train_cfg.peak_flops * jax.device_count(), "train.peak_flops × devices"
+    peak = measure_matmul_peak(dtype=dtype)
+    if jax.default_backend() == "cpu":
+        return peak, "measured 2048³ matmul (CPU: all devices share the cores)"
+    return peak * jax.device_count(), "measured 2048³ matmul × devices"
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_losses(records: list[dict], path: str) -> Optional[str]:
+    """loss / ce (and val_loss where present) against step."""
+    rows = [r for r in records if "loss" in r]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    for key in ("loss", "ce"):
+        ax.plot(steps, [r[key] for r in rows], label=key)
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", label="val_loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_load(counts: np.ndarray, path: str, title: str = "") -> Optional[str]:
+    """Heatmap of load n_i / n̄ per MoE layer (rows) and expert (columns)."""
+    counts = np.asarray(counts, np.float64)
+    if counts.ndim != 2 or counts.shape[0] == 0:
+        return None
+    rel = counts / np.maximum(counts.mean(-1, keepdims=True), 1e-9)
+    plt = _pyplot()
+    size = (max(4, counts.shape[1] * 0.25 + 2), max(2.5, counts.shape[0] * 0.4 + 1.5))
+    fig, ax = plt.subplots(figsize=size)
+    im = ax.imshow(rel, aspect="auto", cmap="viridis", vmin=0)
+    fig.colorbar(im, ax=ax, label="load / mean load")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(title or "expert load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

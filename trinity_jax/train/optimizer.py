@@ -1,0 +1,139 @@
+"""Muon for hidden matrices + AdamW for embedding / lm_head / 1-D params (SPEC §4).
+
+Every parameter gets an explicit :class:`ParamRule` from its path (never from its rank:
+``optax.contrib.muon``'s default sends 3-D expert tensors to AdamW and stacked ``[L, d]``
+norm gains to Muon — STACK_NOTES §2d):
+
+- ``embed_tokens``, ``lm_head``            → AdamW, weight decay
+- ``.../scale``, ``.../bias``, any 1-D leaf → AdamW, no decay (stacked gains ``[L, d]`` too)
+- ``router/kernel``                        → Muon (``optim.router_on_muon``) else AdamW
+- every other matrix                       → Muon, weight decay; only the LAST TWO axes
+  (``[in, out]``) are the matrix, leading axes (scanned layers, experts) are batch axes, so
+  ``[L, E, d, f]`` is orthogonalised per layer and expert. LR × √max(1, fan_out/fan_in).
+
+The learning rates come from ``schedules.group_schedules`` evaluated at the train step
+(``TrainState.step``), not from an optimizer-internal counter, so a skipped non-finite step
+does not shift the schedule. Use :meth:`Optimizer.update`, which applies them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
+
+__all__ = ["ParamRule", "param_rules", "make_optimizer", "Optimizer", "format_table",
+           "MATRIX_DIMS"]
+
+# kernels are [..., in, out]: reduce over -2, output -1; all leading axes are batch axes.
+MATRIX_DIMS = MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
+# Keller Jordan's quintic coefficients, one row per step: optax then runs NS as a lax.scan
+# (its default unrolls the loop, which multiplies compile time by ~ns_steps per leaf).
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+class ParamRule(NamedTuple):
+    group: str        # 'muon' | 'adam'
+    lr_scale: float   # multiplies the group's LR (Muon: √max(1, fan_out/fan_in))
+    decay: bool       # weight decay applies
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _rule(path: str, shape: tuple, router_on_muon: bool, hidden_optimizer: str = "muon") -> ParamRule:
+    name = path.rsplit("/", 1)[-1]
+    if "embed_tokens" in path or path.startswith("lm_head"):
+        return ParamRule("adam", 1.0, True)
+    if name in ("scale", "bias") or len(shape) < 2:
+        return ParamRule("adam", 1.0, False)
+    if ("router" in path and not router_on_muon) or hidden_optimizer == "adamw":
+        return ParamRule("adam", 1.0, True)
+    fan_in, fan_out = shape[-2], shape[-1]
+    return ParamRule("muon", math.sqrt(max(1.0, fan_out / fan_in)), True)
+
+
+def param_rules(params: Any, router_on_muon: bool = True, hidden_optimizer: str = "muon") -> Any:
+    """A tree like ``params`` of :class:`ParamRule` (works on arrays or ShapeDtypeStructs).
+    ``hidden_optimizer='adamw'`` (ablation) puts every matrix on AdamW too."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: _rule(_path_str(p), tuple(x.shape), router_on_muon, hidden_optimizer), params)
+
+
+def _is_rule(x):
+    return isinstance(x, ParamRule)
+
+
+def format_table(params: Any, router_on_muon: bool = True, hidden_optimizer: str = "muon") -> str:
+    """The start-up table: parameter path, shape, optimizer, LR scale, weight decay."""
+    rows = []
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        p = _path_str(path)
+        r = _rule(p, tuple(x.shape), router_on_muon, hidden_optimizer)
+        rows.append((p, "×".join(map(str, x.shape)), r.group, f"{r.lr_scale:.3g}",
+                     "yes" if r.decay else "no"))
+    head = ("parameter", "shape", "optimizer", "lr scale", "decay")
+    w = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
+    line = lambda r: "  ".join(c.ljust(w[i]) for i, c in enumerate(r))
+    return "\n".join([line(head), line(tuple("-" * n for n in w))] + [line(r) for r in rows])
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """``init(params) -> opt_state``; ``update(grads, opt_state, params, step)`` ->
+    ``(updates, opt_state, {'muon': lr, 'adam': lr})`` with updates already LR-scaled."""
+
+    tx: optax.GradientTransformation   # clip → partition(muon | adam), LR = 1 (sign included)
+    rules: Any                          # tree of ParamRule
+    schedules: dict                     # {'muon': fn(step), 'adam': fn(step)}
+
+    def init(self, params):
+        return self.tx.init(params)
+
+    def update(self, grads, opt_state, params, step):
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        lrs = {g: fn(step) for g, fn in self.schedules.items()}
+        updates = jax.tree.map(lambda r, u: (u * (lrs[r.group] * r.lr_scale)).astype(u.dtype),
+                               self.rules, updates, is_leaf=_is_rule)
+        return updates, opt_state, lrs
+
+
+def make_optimizer(optim_cfg, params: Any, schedules: dict) -> Optimizer:
+    """Build the Muon/AdamW optimizer for ``params`` (arrays or shapes) from ``OptimConfig``.
+
+    Muon branch: Nesterov momentum (``muon_momentum``), ``ns_steps`` Newton–Schulz steps per
+    matrix (last two axes), decoupled decay ``weight_decay·lr``; the √max(1, fan_out/fan_in)
+    factor is in ``ParamRule.lr_scale``. AdamW branch: β=(adam_b1, adam_b2), eps. Decay is
+    0 for rules with ``decay=False`` (a separate ``*_nodecay`` branch). Global-norm clipping
+    (``clip_norm``, 0 = off) over all gradients comes first.
+    """
+    rules = param_rules(params, optim_cfg.router_on_muon, optim_cfg.hidden_optimizer)
+    labels = jax.tree.map(lambda r: r.group + ("" if r.decay else "_nodecay"), rules,
+                          is_leaf=_is_rule)
+
+    def muon(wd):
+        # every leaf reaching this branch is a [..., in, out] matrix: leading axes are batch axes
+        dims = lambda updates: jax.tree.map(lambda _: MATRIX_DIMS, updates)
+        return optax.chain(
+            scale_by_muon(ns_coeffs=(NS_COEFFS,) * optim_cfg.ns_steps, ns_steps=optim_cfg.ns_steps,
+                          beta=optim_cfg.muon_momentum, nesterov=optim_cfg.nesterov,
+                          weight_dimension_numbers=dims),
+            optax.add_decayed_weights(wd), optax.scale(-1.0))
+
+    def adam(wd):
+        return optax.chain(
+            optax.scale_by_adam(b1=optim_cfg.adam_b1, b2=optim_cfg.adam_b2, eps=optim_cfg.adam_eps),
+            optax.add_decayed_weights(wd), optax.scale(-1.0))
+
+    wd = optim_cfg.weight_decay
+    branches = {"muon": muon(wd), "muon_nodecay": muon(0.0), "adam": adam(wd), "adam_nodecay": adam(0.0)}
+    present = sorted(set(jax.tree.leaves(labels)))
+    clip = (optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0
+            else optax.identity())
+    tx = optax.chain(clip, optax.partition({k: branches[k] for k in present}, labels))
+    return Optimizer(tx=tx, rules=rules, schedules=schedules)
