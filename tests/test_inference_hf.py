@@ -61,6 +61,7 @@ def exported(tmp_path_factory):
     return m, out
 
 
+@pytest.mark.slow
 def test_greedy_equals_transformers_generate(exported):
     ours, out = exported
     hf = transformers.AfmoeForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
@@ -74,6 +75,7 @@ def test_greedy_equals_transformers_generate(exported):
     np.testing.assert_array_equal(loaded.generate_tokens(prompt, 20), want)
 
 
+@pytest.mark.slow
 def test_text_generation_and_cli_streaming(exported, capsys):
     from trinity_jax.cli import main
 

@@ -46,6 +46,7 @@ def _fake_run(run_dir) -> None:
         tj.export_hf(tj.LoadedModel(cfg, v, tok), str(run_dir / "variants" / name))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["fallback", "variants"])
 def test_probing_notebook_executes(tmp_path, monkeypatch, run):
     if run == "variants":

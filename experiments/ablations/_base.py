@@ -13,7 +13,7 @@ DATA_CACHE = "runs/ablations/_data"   # relative to the directory the command ru
 
 
 def short_tiny():
-    """The tiny model for ~2 minutes of 2-core CPU per 100 steps, tokenised data shared."""
+    """experiments/tiny.py for 120 steps (its three phases rescaled), no SFT, shared token cache."""
     c = tiny.get_config()
     c.train.steps = 120
     c.train.microbatches = 4           # BatchHet = max - mean of the 4 microbatch losses
