@@ -84,7 +84,8 @@ def plan_rows(cfg: ModelConfig, seq_len: int, dtype="bfloat16") -> list[tuple[st
     """Rows for `trinity plan`: KV cache per token (global vs local) and per sequence of seq_len."""
     b = bytes_per_token(cfg, dtype)
     name = jnp.dtype(dtype).name
+    layers = lambda n: f"{n} layer{'s' if n != 1 else ''}"  # noqa: E731
     return [(f"KV cache / token ({name})",
-             f"{format_bytes(b['global'])} global ({b['global_layers']} layers, every token) + "
-             f"{format_bytes(b['local'])} local ({b['local_layers']} layers, first {b['window']} tokens only)"),
+             f"{format_bytes(b['global'])} global ({layers(b['global_layers'])}, every token) + "
+             f"{format_bytes(b['local'])} local ({layers(b['local_layers'])}, first {b['window']} tokens only)"),
             (f"KV cache / sequence of {seq_len}", format_bytes(cache_bytes(cfg, seq_len, 1, dtype)))]

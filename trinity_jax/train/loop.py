@@ -148,7 +148,7 @@ def evaluate(run: Run) -> dict:
     if not batches:
         return {}
     ce, count = 0.0, 0.0
-    with rules_lib.use_mesh(run.mesh):
+    with rules_lib.use_mesh(run.mesh, ep_buffer_factor=run.cfg.mesh.ep_buffer_factor):
         for b in batches:
             sums = run.eval_step(run.state.params, run.state.balance, run.to_device(b))
             ce += float(sums.ce)
@@ -220,15 +220,23 @@ def run_loop(run: Run, callbacks: Sequence[Callback] = ()) -> dict:
         bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps or 0:,.0f}")
         last = rec
 
-    with rules_lib.use_mesh(run.mesh):
+    with rules_lib.use_mesh(run.mesh, ep_buffer_factor=run.cfg.mesh.ep_buffer_factor):
         for step in range(start, total):
             bs = batch_size_at(int(getattr(run.data.train, "tokens_seen", 0)), tcfg.batch_size,
                                tcfg.batch_ramp)
             phase = getattr(run.data.train, "phase_name", "")
             batch = run.to_device(run.data.train.next_batch(bs))
             run.state, metrics = run.train_step(run.state, batch)
-            for cb in callbacks:
-                getattr(cb, "on_step_end", lambda *a: None)(run, step + 1, metrics)
+            try:
+                for cb in callbacks:
+                    getattr(cb, "on_step_end", lambda *a: None)(run, step + 1, metrics)
+            except SystemExit:      # a callback stops the run (SIGTERM save): log what was run
+                if pending is not None:
+                    process(pending, force_log=True)
+                process((step + 1, metrics, phase, bs), force_log=True)
+                bar.close()
+                run.writer.close()
+                raise
             if step + 1 == total or (tcfg.eval_every > 0 and (step + 1) % tcfg.eval_every == 0):
                 jax.block_until_ready(run.state)   # the step's own time stays in tokens/s
                 t_eval = time.perf_counter()
