@@ -84,6 +84,8 @@ def cmd_plan(args, overrides) -> int:
                                  f"{m.num_experts_per_tok / max(m.num_experts, 1):.2%}"),
             (f"train FLOPs / token (seq {cfg.train.seq_len})", format_count(fpt)),
             ("train FLOPs / step", format_count(fpt * cfg.train.batch_size * cfg.train.seq_len))]
+    from trinity_jax.inference.kv_cache import plan_rows
+    rows += plan_rows(m, cfg.train.seq_len)
     w = max(len(r[0]) for r in rows)
     for k, v in rows:
         print(f"  {k:<{w}}  {v}")
