@@ -39,6 +39,7 @@ def get_config():
     c.optim.decay = "cosine_to_fraction"
     c.optim.decay_final_fraction = 0.1
     c.train.seq_len = 8192
+    c.train.loss_chunk_size = 256   # loss fwd+bwd peak 0.07x the full fp32 logits (0.26x at 1024)
     c.train.batch_size = 12288
     c.train.balance = "smebu"
     c.train.batch_ramp = ((4900000000000, 16384),)
