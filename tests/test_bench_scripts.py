@@ -1,0 +1,42 @@
+"""Smoke tests of the benchmark scripts: they run and print their tables (no timing assertions).
+
+Each script runs in a subprocess on one CPU device with the persistent compilation cache
+(as tests/test_ablate.py), so a re-run skips most of the compiling.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_script(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax-tests"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_bench_moe_quick(tmp_path):
+    out = tmp_path / "bench_moe.json"
+    p = _run_script("bench_moe.py", "--quick", "--json", str(out))
+    lines = p.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("impl"))
+    assert {"ms", "GFLOP/s", "ratio", "mode"} <= set(header.split())
+    table = {(line.split()[0], line.split()[6]): line.split() for line in lines
+             if line.split() and line.split()[0] in ("block_sparse", "ragged_dot", "dense_reference")}
+    for mode in ("fwd", "fwd+bwd"):
+        ms, gflops, ratio = (float(v) for v in table[("block_sparse", mode)][7:10])
+        assert ms > 0 and gflops > 0 and ratio > 0
+    rows = json.loads(out.read_text())["rows"]
+    timed = [r for r in rows if r["ms"] is not None]
+    assert {r["impl"] for r in timed} >= {"block_sparse", "ragged_dot", "dense_reference"}
+    assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in timed)
+    dense = [r for r in timed if r["impl"].startswith("dense_mlp")]
+    assert dense and all(r["ratio"] == 1.0 for r in dense)
