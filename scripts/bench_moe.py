@@ -10,8 +10,9 @@ Routing comes from random logits through `moe.route` (jitted, outside the timed 
 
 FLOPs count only the routed work: 2·T·k·3·d·f forward, 3× that for forward+backward. The
 baseline is a dense SwiGLU MLP on T·k rows (x[T·k,d] @ [Wg|Wu][d,2f], silu·up, @ Wd[f,d]:
-the same FLOPs, no routing), jitted and timed in the same run, interleaved with the
-implementations (round-robin), so machine load affects both alike. `ratio` = impl ms / dense ms.
+the same FLOPs, no routing), jitted and timed in the same run. All functions of all shapes are
+compiled first, then timed interleaved (round-robin, median of --repeats), so machine load
+affects every row alike (the E=8 vs E=256 comparison too). `ratio` = impl ms / dense ms.
 
 Implementations: `block_sparse` (the CPU default), `ragged_dot`, `dense_reference` (only where
 every-expert-on-every-token is cheap: E·T <= 2^16), `pallas` (interpret mode on CPU: only on
@@ -144,11 +145,13 @@ def time_round_robin(entries, repeats):
     return {key: 1e3 * statistics.median(v) for key, v in times.items()}
 
 
-def bench_shape(shape, impls, repeats, log, quick=False, max_temp_gib=MAX_TEMP_GIB):
+def prepare_shape(shape, impls, log, quick=False, max_temp_gib=MAX_TEMP_GIB):
+    """Inputs and compiled functions of one shape: ({(shape, name, mode): (fn, args)}, {name: note})."""
     t, d, f, e, k = shape
+    log(f"  T={t} d={d} f={f} E={e} k={k}: compiling")
     x, w, weights, experts = make_inputs(t, d, f, e, k)
     dfwd, dfb, dargs = dense_fns(t, d, f, k)
-    entries = {("dense", "fwd"): (dfwd, dargs), ("dense", "fwd+bwd"): (dfb, dargs)}
+    entries = {(shape, "dense", "fwd"): (dfwd, dargs), (shape, "dense", "fwd+bwd"): (dfb, dargs)}
     notes = {}
     for name in impls:
         why = skip_reason(name, t, d, f, e, k, quick)
@@ -161,18 +164,21 @@ def bench_shape(shape, impls, repeats, log, quick=False, max_temp_gib=MAX_TEMP_G
         if why:
             notes[name] = why
             continue
-        entries[(name, "fwd")] = (compiled[0][0], args)
-        entries[(name, "fwd+bwd")] = (compiled[1][0], args)
-    log(f"  T={t} d={d} f={f} E={e} k={k}: compiling and timing {len(entries)} functions x {repeats}")
-    ms = time_round_robin(entries, repeats)
+        entries[(shape, name, "fwd")] = (compiled[0][0], args)
+        entries[(shape, name, "fwd+bwd")] = (compiled[1][0], args)
+    return entries, notes
+
+
+def shape_rows(shape, impls, ms, notes):
+    t, d, f, e, k = shape
     rows = []
     for name in ["dense"] + [n for n in impls if n not in notes]:
         for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.0)):
             flops = mult * routed_flops(t, d, f, k)
-            m = ms[(name, mode)]
+            m = ms[(shape, name, mode)]
             rows.append(dict(impl=name if name != "dense" else "dense_mlp (equal FLOPs)", T=t, d=d, f=f, E=e, k=k,
                              mode=mode, ms=m, gflops=flops / (m * 1e-3) / 1e9,
-                             ratio=m / ms[("dense", mode)]))
+                             ratio=m / ms[(shape, "dense", mode)]))
     for name, why in notes.items():
         rows.append(dict(impl=name, T=t, d=d, f=f, E=e, k=k, mode="-", ms=None, gflops=None, ratio=None,
                          note=why))
@@ -231,10 +237,14 @@ def main(argv=None) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     log(f"backend={jax.default_backend()} devices={jax.device_count()} default impl={default} "
         f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}")
-    rows = []
+    entries, notes = {}, {}
     for shape in shapes:
-        rows.extend(bench_shape(shape, impls, repeats, log, quick=args.quick and args.impls == DEFAULT_IMPLS,
-                                max_temp_gib=args.max_temp_gib))
+        entries_s, notes[shape] = prepare_shape(shape, impls, log, quick=args.quick and args.impls == DEFAULT_IMPLS,
+                                                max_temp_gib=args.max_temp_gib)
+        entries.update(entries_s)
+    log(f"timing {len(entries)} functions x {repeats}, interleaved over all shapes")
+    ms = time_round_robin(entries, repeats)
+    rows = [r for shape in shapes for r in shape_rows(shape, impls, ms, notes[shape])]
     print(f"MoE routed computation, median of {repeats} (ms); GFLOP/s counts routed FLOPs only "
           f"(2*T*k*3*d*f fwd, 3x fwd+bwd); ratio = ms / dense_mlp ms (same FLOPs, same run)")
     print(format_table(rows))

@@ -5,12 +5,14 @@ The routed computation has several implementations behind one interface, chosen 
 
 - `dense_reference`: every expert on every token, combined with the gate weights (the oracle);
 - `ragged_dot`: sort token-slots by expert, `jax.lax.ragged_dot`, un-permute (GPU/TPU path);
-- `block_sparse`: sort token-slots by expert, pad each group to a multiple of a row block and
-  run one batched matmul over fixed-size blocks (fastest on XLA:CPU);
+- `block_sparse`: sort token-slots by expert into a padded row buffer and loop over fixed-size
+  row blocks, one expert per block, with custom VJPs (fastest on XLA:CPU: the CPU default;
+  `scripts/bench_moe.py` compares the implementations with a dense matmul of equal FLOPs);
 - `pallas`: routing kernel + Pallas grouped matmul (registered by `moe_pallas.py`).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -157,45 +159,248 @@ def moe_ragged_dot(x, w: ExpertWeights, weights, experts, *, num_experts, capaci
     return _combine(ys[slots.inverse], weights), dropped
 
 
-def block_rows_for(num_slots: int, num_experts: int) -> int:
-    """Row-block size for block_sparse: about half the mean group size, a power of two in [8, 256]."""
-    target = max(1, num_slots // (2 * num_experts))
-    return int(min(256, max(8, 2 ** int(math.floor(math.log2(target))))))
+# Row blocks of block_sparse. Loops run one block at a time and XLA:CPU multi-threads only
+# large dots, so each expert's group is split into as few blocks as possible (binary
+# decomposition, up to BLOCK_ROWS rows): measured on 2 cores at T=4096, d=256, f=128, k=4,
+# E=64, fwd+bwd 212 / 166 / 142 ms with BLOCK_ROWS = 32 / 256 / 1024 (the dense MLP: 86 ms).
+BLOCK_ROWS = 1024
+PAD_ROWS = 8        # each expert's group is padded to a multiple of this (the smallest block)
+
+
+def padded_rows_bound(num_slots: int, num_experts: int, pad_rows: int = PAD_ROWS, coarsen: int = 0) -> int:
+    """Static bound on the padded row count sum_e ceil(g_e / q_e) * q_e (see `block_plan`)."""
+    extra = num_slots >> (coarsen - 1) if coarsen else 0
+    return -(-(num_slots + extra + num_experts * (pad_rows - 1)) // pad_rows) * pad_rows
+
+
+def block_rows_for(num_slots: int, num_experts: int, pad_rows: int = PAD_ROWS) -> int:
+    """Largest row block of block_sparse: BLOCK_ROWS, clamped to the padded row buffer."""
+    rows = padded_rows_bound(num_slots, num_experts, pad_rows)
+    return int(max(pad_rows, min(BLOCK_ROWS, 2 ** int(math.floor(math.log2(rows))))))
+
+
+class BlockPlan(NamedTuple):
+    """Padded expert-major row layout of the token-slots and the row blocks that cover it.
+
+    Slot s lives at row `dest[s]`; row r holds slot `src[r]` (N: a zero padding row). Each
+    expert's rows start at a multiple of `pad_rows` and are covered, in order, by floor(g_p/B)
+    blocks of B rows, then one block of each size B/2, ..., pad_rows whose bit is set in the
+    padded group size g_p: fewer than `pad_rows` padding rows per expert, one expert per block.
+    `tiers[i] = (start_row [L_i], expert [L_i], count)` for blocks of `sizes[i]` rows: the
+    first `count` (a traced scalar) entries are used; L_i is a static bound.
+    """
+
+    dest: jax.Array
+    src: jax.Array
+    tiers: tuple
+    sizes: tuple
+
+
+def block_plan(experts: jax.Array, num_experts: int, block_rows: int | None = None,
+               pad_rows: int = PAD_ROWS, coarsen: int = 0) -> BlockPlan:
+    t, k = experts.shape
+    n = t * k
+    flat = experts.reshape(-1)
+    rows = padded_rows_bound(n, num_experts, pad_rows, coarsen)
+    big = block_rows or block_rows_for(n, num_experts, pad_rows)
+    if big < pad_rows or big & (big - 1) or pad_rows & (pad_rows - 1):
+        raise ValueError(f"block_rows={big}, pad_rows={pad_rows}: powers of 2 with block_rows >= pad_rows")
+    slots = sort_slots(experts, num_experts)
+    g = slots.group_sizes
+    if coarsen:   # pad to a multiple of q = 2^(bitlen(g) - coarsen) >= pad_rows: fewer, larger blocks
+        bitlen = 32 - jax.lax.clz(g)
+        q = jnp.maximum(pad_rows, jnp.left_shift(1, jnp.maximum(bitlen - coarsen, 0)))
+    else:
+        q = pad_rows
+    psize = -(-g // q) * q                                                   # [E] padded group sizes
+    pend = jnp.cumsum(psize)
+    pstart = pend - psize
+    dest = (pstart[flat] + slots.rank).astype(jnp.int32)
+    r = jnp.arange(rows, dtype=jnp.int32)
+    e_r = jnp.clip(jnp.searchsorted(pend, r, side="right"), 0, num_experts - 1)
+    p = r - pstart[e_r]
+    real = (p < slots.group_sizes[e_r]) & (r < pend[-1])
+    src = jnp.where(real, slots.order[jnp.clip(slots.offsets[e_r] + p, 0, n - 1)], n).astype(jnp.int32)
+    tiers, sizes, s = [], [], big
+    while s >= pad_rows:
+        if s == big:
+            cnt, off, bound = psize // s, jnp.zeros_like(psize), rows // s
+        else:
+            cnt, off, bound = (psize // s) % 2, psize - psize % (2 * s), min(num_experts, rows // s)
+        cum = jnp.cumsum(cnt)
+        j = jnp.arange(bound, dtype=jnp.int32)
+        e = jnp.clip(jnp.searchsorted(cum, j, side="right"), 0, num_experts - 1).astype(jnp.int32)
+        start = (pstart[e] + off[e] + (j - (cum[e] - cnt[e])) * s).astype(jnp.int32)
+        tiers.append((start, e, cum[-1].astype(jnp.int32)))
+        sizes.append(s)
+        s //= 2
+    return BlockPlan(dest, src, tuple(tiers), tuple(sizes))
+
+
+# Inside shard_map (expert parallelism) values carry the set of mesh axes they vary over, and a
+# custom VJP must return each cotangent varying exactly like its primal: where the forward mixed
+# an input with values varying over more axes (e.g. tokens replicated over 'tensor' with weights
+# split over it), the cotangent is summed over the extra axes, as autodiff's transpose would.
+
+def _varying(a) -> frozenset:
+    aval = jax.typeof(a)
+    manual = getattr(aval, "manual_axis_type", None)            # jax 0.10; later: aval.vma
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def _like_primal(ct, primal):
+    extra, missing = _varying(ct) - _varying(primal), _varying(primal) - _varying(ct)
+    if extra:
+        ct = jax.lax.psum(ct, tuple(sorted(extra)))
+    if missing:
+        ct = jax.lax.pcast(ct, tuple(sorted(missing)), to="varying")
+    return ct
+
+
+# The two permutations have gather-only backward passes (XLA:CPU's scatter-add is slow).
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _to_rows(x, dest, src, k):
+    """x [T, d] -> rows [R, d]: row r = x[src[r] // k], zero where src[r] == N."""
+    n = dest.shape[0]
+    x_ext = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)
+    return x_ext[jnp.where(src < n, src // k, x.shape[0])]
+
+
+def _to_rows_fwd(x, dest, src, k):
+    return _to_rows(x, dest, src, k), (dest, x[:0])                         # x[:0]: x's type
+
+
+def _to_rows_bwd(k, res, g):
+    dest, x_probe = res
+    t = dest.shape[0] // k
+    dx = jnp.sum(g[dest].reshape(t, k, -1).astype(jnp.float32), axis=1)   # a token's k slots
+    return _like_primal(dx.astype(x_probe.dtype), x_probe), None, None
+
+
+_to_rows.defvjp(_to_rows_fwd, _to_rows_bwd)
+
+
+@jax.custom_vjp
+def _from_rows(ys, dest, src):
+    """rows [R, d] -> slots [N, d]: slot s = ys[dest[s]]."""
+    del src
+    return ys[dest]
+
+
+def _from_rows_fwd(ys, dest, src):
+    return ys[dest], (src, ys[:0])
+
+
+def _from_rows_bwd(res, g):
+    src, ys_probe = res
+    g_ext = jnp.concatenate([g, jnp.zeros((1, g.shape[1]), g.dtype)], axis=0)
+    return _like_primal(g_ext[src].astype(ys_probe.dtype), ys_probe), None, None   # padding rows: 0
+
+
+_from_rows.defvjp(_from_rows_fwd, _from_rows_bwd)
+
+
+def _dot_rows(a, b):
+    """a^T @ b contracting the rows, fp32 accumulation: [s, p], [s, q] -> [p, q].
+
+    a^T is materialised (the barrier stops XLA folding the transpose into the dot) so the dot
+    stays on XLA:CPU's library (YNNPACK) path; a row-contracting dot is code-generated instead.
+    """
+    return jnp.dot(jax.lax.optimization_barrier(a.T), b, preferred_element_type=jnp.float32)
+
+
+def _dot_nt(a, b):
+    """a @ b^T: [s, p], [q, p] -> [s, q]."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
+
+
+def _zeros_varying_like(refs, *shapes_dtypes):
+    """Loop-carry zeros with the union of the refs' varying manual axes (inside shard_map, the
+    carry must vary like the loop body's outputs; elsewhere this is plain zeros)."""
+    vma = frozenset().union(*(_varying(r) for r in jax.tree.leaves(refs)))
+    zeros = tuple(jnp.zeros(shape, dtype) for shape, dtype in shapes_dtypes)
+    if not vma:
+        return zeros
+    return tuple(jax.lax.pcast(z, tuple(sorted(vma)), to="varying") for z in zeros)
+
+
+def _block_loops_fwd(xs, wg, wu, wd, tiers, sizes):
+    rows, d = xs.shape
+    f = wg.shape[-1]
+    carry = _zeros_varying_like((xs, wg, wu, wd, tiers), ((rows, d), xs.dtype), ((rows, f), xs.dtype),
+                                ((rows, f), xs.dtype))
+    upd = jax.lax.dynamic_update_slice_in_dim
+    for s, (start, expert, count) in zip(sizes, tiers):
+        def body(j, c, s=s, start=start, expert=expert):
+            ys, hg, hu = c
+            e, r = expert[j], start[j]
+            xb = jax.lax.dynamic_slice_in_dim(xs, r, s, 0)
+            g = xb @ wg[e]
+            u = xb @ wu[e]
+            yb = _swiglu_experts(g, u) @ wd[e]
+            return upd(ys, yb, r, 0), upd(hg, g, r, 0), upd(hu, u, r, 0)
+        carry = jax.lax.fori_loop(0, count, body, carry)
+    return carry
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _block_swiglu(xs, wg, wu, wd, tiers, sizes):
+    """Each block of rows [s, d] of expert e -> silu(rows @ wg[e]) * (rows @ wu[e]) @ wd[e]."""
+    return _block_loops_fwd(xs, wg, wu, wd, tiers, sizes)[0]
+
+
+def _block_swiglu_fwd(xs, wg, wu, wd, tiers, sizes):
+    ys, hg, hu = _block_loops_fwd(xs, wg, wu, wd, tiers, sizes)
+    return ys, (xs, wg, wu, wd, tiers, hg, hu)
+
+
+def _block_swiglu_bwd(sizes, res, gy):
+    xs, wg, wu, wd, tiers, hg, hu = res
+    f32 = jnp.float32
+    carry = _zeros_varying_like((xs, wg, wu, wd, tiers, hg, hu, gy), (xs.shape, xs.dtype), (wg.shape, f32),
+                                (wu.shape, f32), (wd.shape, f32))
+    for s, (start, expert, count) in zip(sizes, tiers):
+        def body(j, c, s=s, start=start, expert=expert):
+            dxs, dwg, dwu, dwd = c
+            e, r = expert[j], start[j]
+            xb, g, u, dy = (jax.lax.dynamic_slice_in_dim(a, r, s, 0) for a in (xs, hg, hu, gy))
+            sig = jax.nn.sigmoid(g)
+            silu = g * sig
+            dh = _dot_nt(dy, wd[e])                                           # [s, f]
+            du = dh * silu
+            dg = dh * u * (sig * (1 + g * (1 - sig)))
+            dxb = _dot_nt(dg, wg[e]) + _dot_nt(du, wu[e])
+            dwg = dwg.at[e].add(_dot_rows(xb, dg))
+            dwu = dwu.at[e].add(_dot_rows(xb, du))
+            dwd = dwd.at[e].add(_dot_rows(silu * u, dy))
+            return jax.lax.dynamic_update_slice_in_dim(dxs, dxb.astype(dxs.dtype), r, 0), dwg, dwu, dwd
+        carry = jax.lax.fori_loop(0, count, body, carry)
+    grads = tuple(_like_primal(ct.astype(p.dtype), p) for ct, p in zip(carry, (xs, wg, wu, wd)))
+    return (*grads, tuple((None, None, None) for _ in tiers))
+
+
+_block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)
 
 
 @register_moe_impl("block_sparse")
 def moe_block_sparse(x, w: ExpertWeights, weights, experts, *, num_experts, capacity_factor=0.0,
-                     block_rows: int | None = None):
-    """Dropless grouped matmul as a batched matmul over fixed-size row blocks.
+                     block_rows: int | None = None, pad_rows: int = PAD_ROWS, coarsen: int = 0):
+    """Dropless grouped matmul as loops over fixed-size row blocks (the XLA:CPU path).
 
-    Token-slots are sorted by expert and each expert's group is padded to a multiple of
-    `block_rows`; there are at most N/b + E blocks (a static bound), each owned by one expert.
-    Block i multiplies its rows by the weights of its expert (gathered per block).
+    Token-slots are sorted by expert into a padded row buffer (`block_plan`); `fori_loop`s over
+    the blocks in use (a traced count, so padding costs < `pad_rows` rows per expert) run each
+    block's SwiGLU with its expert's weights sliced in place: no [blocks, d, f] weight gather.
+    Custom VJPs: the backward loops accumulate the weight gradients in place, and both
+    permutations are gathers both ways (no scatter-add). `scripts/bench_moe.py` times it.
     """
     weights, dropped = _maybe_drop(weights, experts, num_experts, capacity_factor)
-    t, k = experts.shape
-    n, d = t * k, x.shape[1]
-    b = block_rows or block_rows_for(n, num_experts)
-    num_blocks = -(-n // b) + num_experts
-    rows = num_blocks * b
-    slots = sort_slots(experts, num_experts)
-    padded_sizes = -(-slots.group_sizes // b) * b
-    padded_offsets = jnp.cumsum(padded_sizes) - padded_sizes
-    flat = experts.reshape(-1)
-    dest = padded_offsets[flat] + slots.rank                                # [N] padded row of each slot
-    src_slot = jnp.full((rows,), n, jnp.int32).at[dest].set(jnp.arange(n, dtype=jnp.int32))
-    x_ext = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)], axis=0)
-    token = jnp.where(src_slot < n, src_slot // k, t)
-    xb = x_ext[token].reshape(num_blocks, b, d)                             # [nb, b, d]
-    block_start = jnp.arange(num_blocks, dtype=jnp.int32) * b
-    block_expert = jnp.clip(jnp.searchsorted(jnp.cumsum(padded_sizes), block_start, side="right"),
-                            0, num_experts - 1)
+    k = experts.shape[1]
+    plan = block_plan(experts, num_experts, block_rows, pad_rows, coarsen)
     dt = x.dtype
-    wg, wu, wd = (w.gate.astype(dt)[block_expert], w.up.astype(dt)[block_expert],
-                  w.down.astype(dt)[block_expert])
-    h = _swiglu_experts(jnp.einsum("nbd,ndi->nbi", xb, wg), jnp.einsum("nbd,ndi->nbi", xb, wu))
-    yb = jnp.einsum("nbi,nid->nbd", h, wd).reshape(rows, d)
-    return _combine(yb[dest], weights), dropped
+    xs = _to_rows(x, plan.dest, plan.src, k)                               # [R, d]
+    ys = _block_swiglu(xs, w.gate.astype(dt), w.up.astype(dt), w.down.astype(dt), plan.tiers, plan.sizes)
+    return _combine(_from_rows(ys, plan.dest, plan.src), weights), dropped
 
 
 # ----------------------------------------------------------------------------- the block
