@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import subprocess_env
 
 from trinity_jax import ablate
 from trinity_jax.config import ConfigError, to_config_dict
@@ -59,11 +60,7 @@ def group(tmp_path_factory):
 
 
 def _ablate(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax-tests"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, "-m", "trinity_jax", "ablate", *args], env=env, cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "trinity_jax", "ablate", *args], env=subprocess_env(1), cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return p

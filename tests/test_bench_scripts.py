@@ -9,15 +9,14 @@ import os
 import subprocess
 import sys
 
+from conftest import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_script(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax-tests"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args], env=env, cwd=ROOT,
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args], env=subprocess_env(1),
+                       cwd=ROOT,
                        capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-3000:]
     return p

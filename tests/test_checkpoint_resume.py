@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import textwrap
 import time
 
 import pytest
+from conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -44,12 +46,7 @@ def get_config():
 
 
 def _env(devices: int = 8) -> dict:
-    env = dict(os.environ)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax-tests"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=ROOT)
-    return env
+    return subprocess_env(devices)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +157,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes(setup_dir, reference, tmp_pat
 def test_corrupted_checkpoint_is_reported_and_skipped(setup_dir, reference, tmp_path):
     cfg, ref_losses, ref_work = reference
     work = tmp_path / "run"
-    _run(_cmd(cfg, str(work)), _env())
+    shutil.copytree(ref_work, work)               # a finished run (checkpoints kept: the last 3)
     steps = _checkpoint_steps(work)
     last = steps[-1]
     # corrupt every array file of the newest checkpoint
@@ -181,10 +178,9 @@ def test_corrupted_checkpoint_is_reported_and_skipped(setup_dir, reference, tmp_
 def test_restore_onto_a_different_mesh(setup_dir, reference, devices, mesh, tmp_path):
     """Saved on 8 devices (fsdp=8), resumed on a 2x4 mesh and on 1 device: same losses to 1e-5
     (different meshes reduce in a different order, so bit-identity is not expected)."""
-    cfg, ref_losses, _ = reference
+    cfg, ref_losses, ref_work = reference
     work = tmp_path / "run"
-    _run(_cmd(cfg, str(work)), _env(8))
-    import shutil
+    shutil.copytree(ref_work, work)               # saved on 8 devices by the reference run
     for s in _checkpoint_steps(work):
         if s > 6:
             shutil.rmtree(os.path.join(work, "checkpoints", str(s)))

@@ -96,7 +96,7 @@ def test_remat_policies_keep_gradients(policy):
 
     def grads(cfg):
         f = lambda p: jnp.mean(Transformer(cfg).apply({"params": p, "balance": v["balance"]}, tokens)[0] ** 2)
-        return jax.grad(f)(v["params"])
+        return jax.jit(jax.grad(f))(v["params"])        # one compile instead of op-by-op dispatch
 
     g0, g1 = grads(model_config(**KW)), grads(model_config(**dict(KW, remat_policy=policy)))
     for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
@@ -115,7 +115,7 @@ def test_nope_global_switch_only_matters_with_global_layers():
 
     def logits(**kw):
         cfg = model_config(**dict(KW, **kw))
-        return Transformer(cfg).apply(init_variables(cfg, jax.random.key(0)), tokens)[0]
+        return jax.jit(lambda v: Transformer(cfg).apply(v, tokens)[0])(init_variables(cfg, jax.random.key(0)))
 
     assert float(jnp.max(jnp.abs(logits(nope_global=True) - logits(nope_global=False)))) > 1e-3
     # with no global layer in the stack (period > layers), the switch is a no-op

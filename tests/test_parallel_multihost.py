@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 MODEL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
              num_hidden_layers=2, num_dense_layers=1, num_attention_heads=4,
@@ -96,11 +97,8 @@ def test_two_processes_match_one_process(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     procs = []
     for pid in range(2):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        env.update(JAX_PLATFORMS="cpu", TRINITY_COORDINATOR=f"127.0.0.1:{port}",
-                   TRINITY_NUM_PROCESSES="2", TRINITY_PROCESS_ID=str(pid),
-                   TRINITY_LOCAL_DEVICE_COUNT="4",
-                   PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""))
+        env = subprocess_env(None, TRINITY_COORDINATOR=f"127.0.0.1:{port}", TRINITY_NUM_PROCESSES="2",
+                             TRINITY_PROCESS_ID=str(pid), TRINITY_LOCAL_DEVICE_COUNT="4")
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(out)],
                                       env=env, cwd=root, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 
 MOE_IMPLS = ("auto", "dense_reference", "ragged_dot", "block_sparse", "pallas")
-ATTENTION_IMPLS = ("auto", "xla", "dot_product_attention")
+ATTENTION_IMPLS = ("auto", "xla", "local_blocks", "dot_product_attention")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_except_moe")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -67,7 +67,7 @@ class ModelConfig:
     dtype: str = "float32"          # compute dtype; params are always float32 (master weights)
     moe_impl: str = "auto"          # see MOE_IMPLS; auto picks the fastest for the backend
     capacity_factor: float = 0.0    # 0: dropless; > 0: drop overflow tokens deterministically
-    attention_impl: str = "auto"
+    attention_impl: str = "auto"   # see ATTENTION_IMPLS / model.attention.self_attention
     remat_policy: str = "none"
     # --- ablation switches (defaults are Trinity)
     attention_gate: bool = True

@@ -44,19 +44,85 @@ def attention_mask(q_index: jax.Array, k_index: jax.Array, q_segment: jax.Array,
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [b, t, hq, dh], k/v [b, s, hkv, dh], mask [b, t, s] -> [b, t, hq, dh]; softmax in fp32.
+    """q [b, t, hq, dh], k/v [b, s, hkv, dh], mask [..., t, s] -> [b, t, hq, dh]; softmax in fp32.
 
-    Query head i reads kv head i // (hq / hkv) (GQA).
+    Query head i reads kv head i // (hq / hkv) (GQA). Leading axes of q/k/v/mask beyond the
+    first (e.g. blocks of `local_block_attention`) broadcast like the batch axis.
+    """
+    *lead, t, hq, dh = q.shape
+    hkv = k.shape[-2]
+    qg = q.reshape(*lead, t, hkv, hq // hkv, dh)
+    scores = jnp.einsum("...tkgd,...skd->...kgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (dh ** -0.5)
+    scores = jnp.where(mask[..., None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("...kgts,...skd->...tkgd", probs, v)
+    return out.reshape(*lead, t, hq, dh)
+
+
+def local_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                          window: int) -> jax.Array:
+    """Sliding-window self-attention in blocks of `window` rows: O(t·2w) instead of O(t²).
+
+    Row t attends to t − w < s ≤ t, so a query block [i·w, (i+1)·w) needs only key blocks i−1
+    and i. The sequence is padded to a multiple of w (padding rows are their own document and
+    are dropped). Same mask and result as `dot_product_attention` with `attention_mask`.
     """
     b, t, hq, dh = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, t, hkv, hq // hkv, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (dh ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, hq, dh)
+    w = int(window)
+    pad = -t % w
+    if pad:
+        padt = lambda a, value=0: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2),  # noqa: E731
+                                          constant_values=value)
+        q, k, v, segment_ids = padt(q), padt(k), padt(v), padt(segment_ids, -1)
+    n = (t + pad) // w
+
+    def with_previous(a):                 # [b, n, w, ...] -> [b, n, 2w, ...]: block i-1, then block i
+        prev = jnp.concatenate([jnp.zeros_like(a[:, :1]), a[:, :-1]], axis=1)
+        return jnp.concatenate([prev, a], axis=2)
+
+    blocks = lambda a: a.reshape(b, n, w, *a.shape[2:])  # noqa: E731
+    kb, vb = with_previous(blocks(k)), with_previous(blocks(v))
+    qseg = blocks(segment_ids)
+    kseg = with_previous(qseg)
+    qi = jnp.arange(w)[:, None] + w                       # query row index inside [block i-1, block i]
+    ki = jnp.arange(2 * w)[None, :]
+    first = (jnp.arange(n) == 0)[:, None, None]           # block 0 has no previous block
+    near = (ki <= qi) & (ki > qi - w)                     # [w, 2w]
+    mask = near & ~(first & (ki < w)) & (qseg[..., :, None] == kseg[..., None, :])   # [b, n, w, 2w]
+    out = dot_product_attention(blocks(q), kb, vb, mask)  # [b, n, w, hq, dh]
+    return out.reshape(b, n * w, hq, dh)[:, :t]
+
+
+def resolve_attention_impl(impl: str, seq_len: int, window: int) -> str:
+    """`model.attention_impl` for a sequence length: auto -> local_blocks when the window is at
+    most half the sequence (blocks then skip work), else xla (the full masked matrix)."""
+    if impl == "auto":
+        return "local_blocks" if 0 < window and 2 * window <= seq_len else "xla"
+    return impl
+
+
+def self_attention(q, k, v, segment_ids, is_global, window: int, impl: str) -> jax.Array:
+    """Masked self-attention of one layer; `is_global` (traced) picks global vs sliding window.
+
+    impl: `xla` (full masked matrix), `local_blocks` (local layers in blocks, `lax.cond` on the
+    layer's flag), `dot_product_attention` (`jax.nn.dot_product_attention`: cuDNN on GPU).
+    """
+    b, s = q.shape[:2]
+    index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    impl = resolve_attention_impl(impl, s, window)
+
+    def full(q, k, v, segment_ids, w):
+        mask = attention_mask(index, index, segment_ids, segment_ids, w)
+        if impl == "dot_product_attention":
+            return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+        return dot_product_attention(q, k, v, mask)
+
+    if impl == "local_blocks" and window > 0:
+        return jax.lax.cond(is_global, lambda *a: full(*a, 0),
+                            lambda q, k, v, seg: local_block_attention(q, k, v, seg, window),
+                            q, k, v, segment_ids)
+    return full(q, k, v, segment_ids, jnp.where(is_global, 0, window))
 
 
 class Attention(nn.Module):
@@ -85,10 +151,8 @@ class Attention(nn.Module):
         k = jnp.where(use_rope, apply_rope(k, cos, sin), k)
         q = nn.with_logical_constraint(q, ("act_batch", "act_seq", "act_heads", None))
         k = nn.with_logical_constraint(k, ("act_batch", "act_seq", "act_kv_heads", None))
-        index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        window = jnp.where(is_global, 0, cfg.sliding_window)
-        mask = attention_mask(index, index, segment_ids, segment_ids, window)
-        out = dot_product_attention(q, k, v, mask).reshape(b, s, hq * dh)
+        out = self_attention(q, k, v, segment_ids, is_global, cfg.sliding_window,
+                             cfg.attention_impl).reshape(b, s, hq * dh)
         out = checkpoint_name(out, "attn_out")
         if cfg.attention_gate:
             gate = Linear(hq * dh, ("embed", "q_heads"), std, dtype, name="gate_proj")(x)

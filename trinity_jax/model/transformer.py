@@ -1,6 +1,8 @@
 """The AFMoE decoder (SPEC §1): embedding, scanned sandwich-norm layers, final norm, untied head."""
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Any
 
@@ -137,9 +139,17 @@ def init_boxed(cfg: ModelConfig, rng: jax.Array) -> dict:
     return Transformer(cfg).init(rng, _dummy_tokens(cfg))
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_init(cfg: ModelConfig):
+    return jax.jit(lambda rng: nn.unbox(init_boxed(cfg, rng)))
+
+
 def init_variables(cfg: ModelConfig, rng: jax.Array) -> dict:
-    """Plain-array variables {'params': ..., 'balance': ...} (fp32 master weights)."""
-    return nn.unbox(init_boxed(cfg, rng))
+    """Plain-array variables {'params': ..., 'balance': ...} (fp32 master weights).
+
+    Jitted (cached per config): one compile instead of op-by-op initialisation of the scanned
+    stacks (7 s -> under 1 s for a 4-layer test model on 2 cores)."""
+    return _jitted_init(cfg)(rng)
 
 
 def abstract_variables(cfg: ModelConfig) -> dict:
