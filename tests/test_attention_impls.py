@@ -20,6 +20,30 @@ def _qkv(b, t, hq, hkv, dh, seed=0):
             jax.random.normal(ks[2], (b, t, hkv, dh)))
 
 
+def _naive_attention(q, k, v, mask):
+    """Plain autodiff reference: repeat kv heads for GQA, softmax over masked scores."""
+    rep = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(q.shape[-1])
+    scores = jnp.where(mask[:, None], scores, -jnp.inf)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def test_custom_vjp_attention_equals_autodiff_of_the_naive_formula():
+    """The memory-efficient VJP (probabilities recomputed from the saved log-sum-exp)."""
+    q, k, v = _qkv(2, 21, 6, 2, 8, seed=3)
+    seg = jnp.stack([jnp.where(jnp.arange(21) < 9, 1, 2), jnp.ones((21,), jnp.int32)])
+    idx = jnp.broadcast_to(jnp.arange(21), (2, 21))
+    mask = attention_mask(idx, idx, seg, seg, 5)
+    np.testing.assert_allclose(dot_product_attention(q, k, v, mask), _naive_attention(q, k, v, mask),
+                               rtol=1e-5, atol=1e-5)
+    ct = jax.random.normal(jax.random.key(4), q.shape)
+    g = jax.grad(lambda *a: jnp.sum(dot_product_attention(*a, mask) * ct), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(lambda *a: jnp.sum(_naive_attention(*a, mask) * ct), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("t,w", [(32, 8), (37, 8), (5, 8), (24, 1)])
 def test_local_blocks_equal_the_full_masked_matrix(t, w):
     q, k, v = _qkv(2, t, 4, 2, 8)
@@ -27,8 +51,8 @@ def test_local_blocks_equal_the_full_masked_matrix(t, w):
     seg = jnp.stack([(jnp.arange(t) >= 13).astype(jnp.int32) + 1, jnp.ones((t,), jnp.int32)])
     idx = jnp.broadcast_to(jnp.arange(t), (2, t))
 
-    def full(q, k, v):
-        return dot_product_attention(q, k, v, attention_mask(idx, idx, seg, seg, w))
+    def full(q, k, v):          # autodiff of the naive formula: checks the custom VJP as well
+        return _naive_attention(q, k, v, attention_mask(idx, idx, seg, seg, w))
 
     def blocks(q, k, v):
         return local_block_attention(q, k, v, seg, w)

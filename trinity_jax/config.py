@@ -69,6 +69,8 @@ class ModelConfig:
     capacity_factor: float = 0.0    # 0: dropless; > 0: drop overflow tokens deterministically
     attention_impl: str = "auto"   # see ATTENTION_IMPLS / model.attention.self_attention
     remat_policy: str = "none"
+    scan_unroll: int = 1            # layers per scan iteration (>= the stack: fully unrolled; faster
+                                    # steps on CPU, no stacked residual buffers, longer compile)
     # --- ablation switches (defaults are Trinity)
     attention_gate: bool = True
     qk_norm: bool = True
@@ -134,6 +136,8 @@ class ModelConfig:
         _choice(self, "model", "moe_impl", MOE_IMPLS)
         _choice(self, "model", "attention_impl", ATTENTION_IMPLS)
         _choice(self, "model", "remat_policy", REMAT_POLICIES)
+        if self.scan_unroll < 1:
+            raise ConfigError(f"model.scan_unroll={self.scan_unroll}: must be >= 1")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name)
             if not 0 <= v < self.vocab_size:

@@ -48,16 +48,59 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 
     Query head i reads kv head i // (hq / hkv) (GQA). Leading axes of q/k/v/mask beyond the
     first (e.g. blocks of `local_block_attention`) broadcast like the batch axis.
+
+    Custom VJP (memory-efficient attention): the forward keeps only q, k, v, the mask, the
+    output and the fp32 log-sum-exp per row; the backward recomputes the probabilities from
+    them. Autodiff would keep the fp32 scores, probabilities and a broadcast mask per head and
+    layer — under `nn.scan` stacked over layers, and under `lax.cond` (local_blocks) for both
+    branches — which dominated the step time on CPU.
     """
     *lead, t, hq, dh = q.shape
     hkv = k.shape[-2]
     qg = q.reshape(*lead, t, hkv, hq // hkv, dh)
-    scores = jnp.einsum("...tkgd,...skd->...kgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (dh ** -0.5)
+    return _attention(qg, k, v, mask)[0].reshape(*lead, t, hq, dh)
+
+
+def _probs(qg, k, mask, lse=None):
+    """Scaled masked scores -> (probs [..., hkv, g, t, s] fp32, lse [..., hkv, g, t])."""
+    dh = qg.shape[-1]
+    scores = jnp.einsum("...tkgd,...skd->...kgts", qg, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
     scores = jnp.where(mask[..., None, None, :, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("...kgts,...skd->...tkgd", probs, v)
-    return out.reshape(*lead, t, hq, dh)
+    if lse is None:
+        m = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+        e = jnp.exp(scores - m)
+        l = jnp.sum(e, axis=-1, keepdims=True)
+        return e / l, (m + jnp.log(l))[..., 0]
+    return jnp.exp(scores - lse[..., None]), lse
+
+
+@jax.custom_vjp
+def _attention(qg, k, v, mask):
+    probs, lse = _probs(qg, k, mask)
+    return jnp.einsum("...kgts,...skd->...tkgd", probs.astype(v.dtype), v), lse
+
+
+def _attention_fwd(qg, k, v, mask):
+    out, lse = _attention(qg, k, v, mask)
+    return (out, lse), (qg, k, v, mask, out, lse)
+
+
+def _attention_bwd(res, cts):
+    qg, k, v, mask, out, lse = res
+    dout = cts[0]                      # the lse output is internal: its cotangent is ignored
+    dh = qg.shape[-1]
+    f32 = jnp.float32
+    probs, _ = _probs(qg, k, mask, lse)
+    dv = jnp.einsum("...kgts,...tkgd->...skd", probs.astype(v.dtype), dout, preferred_element_type=f32)
+    dp = jnp.einsum("...tkgd,...skd->...kgts", dout, v, preferred_element_type=f32)
+    delta = jnp.einsum("...tkgd,...tkgd->...kgt", dout.astype(f32), out.astype(f32))
+    ds = (probs * (dp - delta[..., None]) * (dh ** -0.5)).astype(qg.dtype)
+    dq = jnp.einsum("...kgts,...skd->...tkgd", ds, k, preferred_element_type=f32)
+    dk = jnp.einsum("...kgts,...tkgd->...skd", ds, qg, preferred_element_type=f32)
+    return dq.astype(qg.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def local_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,

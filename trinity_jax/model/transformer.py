@@ -70,7 +70,7 @@ def layer_stack(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Modul
                       variable_axes={"params": 0, "balance": 0, "intermediates": 0},
                       split_rngs={"params": True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                      length=length,
+                      length=length, unroll=min(cfg.scan_unroll, length),
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, moe, name=name)
 

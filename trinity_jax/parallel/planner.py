@@ -115,11 +115,14 @@ def activation_bytes(cfg: ExperimentConfig, sizes: dict) -> dict:
     k, e, im = m.num_experts_per_tok, max(m.num_experts, 1), m.moe_intermediate_size / tp
     sh = m.moe_intermediate_size * m.num_shared_experts / tp
     fill = _fill(cfg, sizes)
-    # elements per token (x bytes) of every intermediate autodiff would keep ('none')
-    # dense attention keeps fp32 scores + probabilities [heads, S] per token; a fused kernel
-    # (attention_impl='dot_product_attention', cuDNN flash on GPU) keeps only softmax stats
-    scores = heads * (4 + bc) * (s if m.attention_impl != "dot_product_attention" else 1)
-    attn_all = bc * (2 * d + 6 * q + 4 * kv + 2 * d) + scores
+    # elements per token (x bytes) of every intermediate autodiff would keep ('none').
+    # Attention has a custom VJP (model/attention.py): it keeps q, k, v, the output and an fp32
+    # log-sum-exp per head; the fp32 scores, probabilities and their cotangents [heads, S] exist
+    # for one layer at a time (S = 2·window on local_blocks layers, the sequence on global ones;
+    # a fused kernel — attention_impl='dot_product_attention', cuDNN flash on GPU — never
+    # materialises them)
+    scores_transient = heads * (4 + bc) * (s if m.attention_impl != "dot_product_attention" else 1)
+    attn_all = bc * (2 * d + 6 * q + 4 * kv + 2 * d) + heads * 4
     dense_all = bc * (2 * d + 3 * m.intermediate_size / tp + 2 * d)
     moe_all = (bc * (2 * d + k * fill * (4 * d + 3 * im) + 3 * sh + 2 * d)
                + 4 * (2 * e + k * d))                                              # fp32 router / combine
@@ -146,6 +149,8 @@ def activation_bytes(cfg: ExperimentConfig, sizes: dict) -> dict:
         saved = (nd * (layer_in + keep_attn + keep_dense)
                  + nm * (layer_in + keep_attn + keep_moe))
         transient = 2 * layer_max
+    transient += scores_transient          # one layer's attention scores, in its backward only
+    layer_max += scores_transient
     chunk = min(cfg.train.loss_chunk_size, t)
     loss_chunk = chunk * m.vocab_size / tp * 4 * 2                                  # logits + grad, fp32
     return dict(tokens=t, saved=saved * t, transient=transient * t + loss_chunk,
