@@ -257,10 +257,11 @@ def _like_primal(ct, primal):
     return ct
 
 
-# The two permutations have gather-only backward passes (XLA:CPU's scatter-add is slow).
+# The two permutations have gather-only backward passes (XLA:CPU's scatter-add is slow); the
+# pallas impl uses them too (src = the expert order, no padding rows).
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _to_rows(x, dest, src, k):
+def to_rows(x, dest, src, k):
     """x [T, d] -> rows [R, d]: row r = x[src[r] // k], zero where src[r] == N."""
     n = dest.shape[0]
     x_ext = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)
@@ -268,7 +269,7 @@ def _to_rows(x, dest, src, k):
 
 
 def _to_rows_fwd(x, dest, src, k):
-    return _to_rows(x, dest, src, k), (dest, x[:0])                         # x[:0]: x's type
+    return to_rows(x, dest, src, k), (dest, x[:0])                         # x[:0]: x's type
 
 
 def _to_rows_bwd(k, res, g):
@@ -278,11 +279,11 @@ def _to_rows_bwd(k, res, g):
     return _like_primal(dx.astype(x_probe.dtype), x_probe), None, None
 
 
-_to_rows.defvjp(_to_rows_fwd, _to_rows_bwd)
+to_rows.defvjp(_to_rows_fwd, _to_rows_bwd)
 
 
 @jax.custom_vjp
-def _from_rows(ys, dest, src):
+def from_rows(ys, dest, src):
     """rows [R, d] -> slots [N, d]: slot s = ys[dest[s]]."""
     del src
     return ys[dest]
@@ -298,7 +299,7 @@ def _from_rows_bwd(res, g):
     return _like_primal(g_ext[src].astype(ys_probe.dtype), ys_probe), None, None   # padding rows: 0
 
 
-_from_rows.defvjp(_from_rows_fwd, _from_rows_bwd)
+from_rows.defvjp(_from_rows_fwd, _from_rows_bwd)
 
 
 def _dot_rows(a, b):
@@ -398,9 +399,9 @@ def moe_block_sparse(x, w: ExpertWeights, weights, experts, *, num_experts, capa
     k = experts.shape[1]
     plan = block_plan(experts, num_experts, block_rows, pad_rows, coarsen)
     dt = x.dtype
-    xs = _to_rows(x, plan.dest, plan.src, k)                               # [R, d]
+    xs = to_rows(x, plan.dest, plan.src, k)                               # [R, d]
     ys = _block_swiglu(xs, w.gate.astype(dt), w.up.astype(dt), w.down.astype(dt), plan.tiers, plan.sizes)
-    return _combine(_from_rows(ys, plan.dest, plan.src), weights), dropped
+    return _combine(from_rows(ys, plan.dest, plan.src), weights), dropped
 
 
 # ----------------------------------------------------------------------------- the block

@@ -17,47 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import gmm, group_slots
-from trinity_jax.model.moe import ExpertWeights, capacity_keep, register_moe_impl
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _dispatch(x, dest, order, k):
-    """x [T, d] -> xs [T*k, d] in expert order: xs[p] = x[order[p] // k]."""
-    del dest
-    return x[order // k]
-
-
-def _dispatch_fwd(x, dest, order, k):
-    return x[order // k], (dest, order)
-
-
-def _dispatch_bwd(k, res, g):
-    dest, _ = res
-    t = dest.shape[0] // k
-    dx = g[dest].reshape(t, k, -1).astype(jnp.float32).sum(axis=1)   # [T, d]
-    return dx.astype(g.dtype), None, None
-
-
-_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
-
-
-@jax.custom_vjp
-def _undispatch(ys, dest, order):
-    """ys [T*k, d] in expert order -> slot order: y_slots[s] = ys[dest[s]]."""
-    del order
-    return ys[dest]
-
-
-def _undispatch_fwd(ys, dest, order):
-    return ys[dest], (dest, order)
-
-
-def _undispatch_bwd(res, g):
-    _, order = res
-    return g[order], None, None
-
-
-_undispatch.defvjp(_undispatch_fwd, _undispatch_bwd)
+from trinity_jax.model.moe import ExpertWeights, capacity_keep, from_rows, register_moe_impl, to_rows
 
 
 @register_moe_impl("pallas")
@@ -76,9 +36,9 @@ def moe_pallas(x, w: ExpertWeights, weights, experts, *, num_experts, capacity_f
     dt = x.dtype
     mm = functools.partial(gmm, group_sizes=groups.group_sizes, preferred_element_type=dt,
                            **({"tiling": tiling} if tiling else {}))
-    xs = _dispatch(x, groups.dest, order, k)                              # [N, d]
+    xs = to_rows(x, groups.dest, order, k)                                # [N, d]
     h = jax.nn.silu(mm(xs, w.gate.astype(dt))) * mm(xs, w.up.astype(dt))  # [N, Im]
     ys = mm(h, w.down.astype(dt))                                         # [N, d]
-    y_slots = _undispatch(ys, groups.dest, order).reshape(t, k, -1)       # [T, k, d]
+    y_slots = from_rows(ys, groups.dest, order).reshape(t, k, -1)         # [T, k, d]
     y = jnp.sum(y_slots.astype(jnp.float32) * weights[..., None].astype(jnp.float32), axis=1)
     return y, dropped
