@@ -3,7 +3,9 @@
 The suite is compile-bound (tiny models, many configs), so XLA:CPU's backend optimisation is
 turned off (`--xla_backend_optimization_level=0`): about a third less compile time, the same
 semantics (tests compare numbers between paths compiled alike, never against timings).
-Subprocess tests get the same flags from `subprocess_env`.
+Subprocess tests get the same flags from `subprocess_env`. Every test process (both xdist
+workers, CLI subprocesses, notebook kernels) shares one persistent compilation cache under
+.cache/jax-tests, so a program compiled by one is loaded by the others.
 """
 import os
 
@@ -33,3 +35,5 @@ if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
                                + " " + FAST_COMPILE)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
