@@ -73,7 +73,8 @@ def test_auto_picks_blocks_only_when_they_skip_work():
 
 KW = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=4,
           num_dense_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
-          num_experts_per_tok=2, sliding_window=4, global_attn_every_n_layers=2)
+          num_experts_per_tok=2, sliding_window=4, global_attn_every_n_layers=2,
+          moe_impl="dense_reference")     # attention is under test: the cheapest MoE to compile
 
 
 @pytest.mark.parametrize("impl", ["local_blocks", "dot_product_attention"])
