@@ -31,12 +31,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def attention_mask(q_index: jax.Array, k_index: jax.Array, q_segment: jax.Array, k_segment: jax.Array,
                    window: jax.Array | int | None) -> jax.Array:
-    """Boolean [b, q, k]: causal, same document, and (if `window`) t − w < s ≤ t (SPEC §1.2).
+    """Boolean [..., q, k]: causal, same document, and (if `window`) t − w < s ≤ t (SPEC §1.2).
 
     `window` may be a traced scalar; a value <= 0 means no window (global layer).
     """
-    qi, ki = q_index[:, :, None], k_index[:, None, :]
-    mask = (ki <= qi) & (q_segment[:, :, None] == k_segment[:, None, :])
+    qi, ki = q_index[..., :, None], k_index[..., None, :]
+    mask = (ki <= qi) & (q_segment[..., :, None] == k_segment[..., None, :])
     if window is not None:
         w = jnp.asarray(window)
         mask &= (w <= 0) | (ki > qi - w)
@@ -109,7 +109,8 @@ def local_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
 
     Row t attends to t − w < s ≤ t, so a query block [i·w, (i+1)·w) needs only key blocks i−1
     and i. The sequence is padded to a multiple of w (padding rows are their own document and
-    are dropped). Same mask and result as `dot_product_attention` with `attention_mask`.
+    are dropped); block 0's missing previous block is a document of its own (segment -2), so
+    `attention_mask` on the blocks' own indices gives the same mask as on the whole sequence.
     """
     b, t, hq, dh = q.shape
     w = int(window)
@@ -120,20 +121,15 @@ def local_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
         q, k, v, segment_ids = padt(q), padt(k), padt(v), padt(segment_ids, -1)
     n = (t + pad) // w
 
-    def with_previous(a):                 # [b, n, w, ...] -> [b, n, 2w, ...]: block i-1, then block i
-        prev = jnp.concatenate([jnp.zeros_like(a[:, :1]), a[:, :-1]], axis=1)
+    def with_previous(a, fill=0):         # [b, n, w, ...] -> [b, n, 2w, ...]: block i-1, then block i
+        prev = jnp.concatenate([jnp.full_like(a[:, :1], fill), a[:, :-1]], axis=1)
         return jnp.concatenate([prev, a], axis=2)
 
     blocks = lambda a: a.reshape(b, n, w, *a.shape[2:])  # noqa: E731
-    kb, vb = with_previous(blocks(k)), with_previous(blocks(v))
+    index = blocks(jnp.broadcast_to(jnp.arange(n * w, dtype=jnp.int32), (b, n * w)))
     qseg = blocks(segment_ids)
-    kseg = with_previous(qseg)
-    qi = jnp.arange(w)[:, None] + w                       # query row index inside [block i-1, block i]
-    ki = jnp.arange(2 * w)[None, :]
-    first = (jnp.arange(n) == 0)[:, None, None]           # block 0 has no previous block
-    near = (ki <= qi) & (ki > qi - w)                     # [w, 2w]
-    mask = near & ~(first & (ki < w)) & (qseg[..., :, None] == kseg[..., None, :])   # [b, n, w, 2w]
-    out = dot_product_attention(blocks(q), kb, vb, mask)  # [b, n, w, hq, dh]
+    mask = attention_mask(index, with_previous(index), qseg, with_previous(qseg, -2), w)   # [b, n, w, 2w]
+    out = dot_product_attention(blocks(q), with_previous(blocks(k)), with_previous(blocks(v)), mask)
     return out.reshape(b, n * w, hq, dh)[:, :t]
 
 

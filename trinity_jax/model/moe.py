@@ -167,10 +167,9 @@ BLOCK_ROWS = 1024
 PAD_ROWS = 8        # each expert's group is padded to a multiple of this (the smallest block)
 
 
-def padded_rows_bound(num_slots: int, num_experts: int, pad_rows: int = PAD_ROWS, coarsen: int = 0) -> int:
-    """Static bound on the padded row count sum_e ceil(g_e / q_e) * q_e (see `block_plan`)."""
-    extra = num_slots >> (coarsen - 1) if coarsen else 0
-    return -(-(num_slots + extra + num_experts * (pad_rows - 1)) // pad_rows) * pad_rows
+def padded_rows_bound(num_slots: int, num_experts: int, pad_rows: int = PAD_ROWS) -> int:
+    """Static bound on the padded row count sum_e ceil(g_e / pad_rows) * pad_rows."""
+    return -(-(num_slots + num_experts * (pad_rows - 1)) // pad_rows) * pad_rows
 
 
 def block_rows_for(num_slots: int, num_experts: int, pad_rows: int = PAD_ROWS) -> int:
@@ -197,22 +196,16 @@ class BlockPlan(NamedTuple):
 
 
 def block_plan(experts: jax.Array, num_experts: int, block_rows: int | None = None,
-               pad_rows: int = PAD_ROWS, coarsen: int = 0) -> BlockPlan:
+               pad_rows: int = PAD_ROWS) -> BlockPlan:
     t, k = experts.shape
     n = t * k
     flat = experts.reshape(-1)
-    rows = padded_rows_bound(n, num_experts, pad_rows, coarsen)
+    rows = padded_rows_bound(n, num_experts, pad_rows)
     big = block_rows or block_rows_for(n, num_experts, pad_rows)
     if big < pad_rows or big & (big - 1) or pad_rows & (pad_rows - 1):
         raise ValueError(f"block_rows={big}, pad_rows={pad_rows}: powers of 2 with block_rows >= pad_rows")
     slots = sort_slots(experts, num_experts)
-    g = slots.group_sizes
-    if coarsen:   # pad to a multiple of q = 2^(bitlen(g) - coarsen) >= pad_rows: fewer, larger blocks
-        bitlen = 32 - jax.lax.clz(g)
-        q = jnp.maximum(pad_rows, jnp.left_shift(1, jnp.maximum(bitlen - coarsen, 0)))
-    else:
-        q = pad_rows
-    psize = -(-g // q) * q                                                   # [E] padded group sizes
+    psize = -(-slots.group_sizes // pad_rows) * pad_rows                     # [E] padded group sizes
     pend = jnp.cumsum(psize)
     pstart = pend - psize
     dest = (pstart[flat] + slots.rank).astype(jnp.int32)
@@ -366,15 +359,12 @@ def _block_swiglu_bwd(sizes, res, gy):
             dxs, dwg, dwu, dwd = c
             e, r = expert[j], start[j]
             xb, g, u, dy = (jax.lax.dynamic_slice_in_dim(a, r, s, 0) for a in (xs, hg, hu, gy))
-            sig = jax.nn.sigmoid(g)
-            silu = g * sig
-            dh = _dot_nt(dy, wd[e])                                           # [s, f]
-            du = dh * silu
-            dg = dh * u * (sig * (1 + g * (1 - sig)))
+            h, swiglu_vjp = jax.vjp(_swiglu_experts, g, u)
+            dg, du = swiglu_vjp(_dot_nt(dy, wd[e]))                           # [s, f] each
             dxb = _dot_nt(dg, wg[e]) + _dot_nt(du, wu[e])
             dwg = dwg.at[e].add(_dot_rows(xb, dg))
             dwu = dwu.at[e].add(_dot_rows(xb, du))
-            dwd = dwd.at[e].add(_dot_rows(silu * u, dy))
+            dwd = dwd.at[e].add(_dot_rows(h, dy))
             return jax.lax.dynamic_update_slice_in_dim(dxs, dxb.astype(dxs.dtype), r, 0), dwg, dwu, dwd
         carry = jax.lax.fori_loop(0, count, body, carry)
     grads = tuple(_like_primal(ct.astype(p.dtype), p) for ct, p in zip(carry, (xs, wg, wu, wd)))
@@ -386,7 +376,7 @@ _block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)
 
 @register_moe_impl("block_sparse")
 def moe_block_sparse(x, w: ExpertWeights, weights, experts, *, num_experts, capacity_factor=0.0,
-                     block_rows: int | None = None, pad_rows: int = PAD_ROWS, coarsen: int = 0):
+                     block_rows: int | None = None, pad_rows: int = PAD_ROWS):
     """Dropless grouped matmul as loops over fixed-size row blocks (the XLA:CPU path).
 
     Token-slots are sorted by expert into a padded row buffer (`block_plan`); `fori_loop`s over
@@ -397,7 +387,7 @@ def moe_block_sparse(x, w: ExpertWeights, weights, experts, *, num_experts, capa
     """
     weights, dropped = _maybe_drop(weights, experts, num_experts, capacity_factor)
     k = experts.shape[1]
-    plan = block_plan(experts, num_experts, block_rows, pad_rows, coarsen)
+    plan = block_plan(experts, num_experts, block_rows, pad_rows)
     dt = x.dtype
     xs = to_rows(x, plan.dest, plan.src, k)                               # [R, d]
     ys = _block_swiglu(xs, w.gate.astype(dt), w.up.astype(dt), w.down.astype(dt), plan.tiers, plan.sizes)
