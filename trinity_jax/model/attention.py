@@ -49,6 +49,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     Query head i reads kv head i // (hq / hkv) (GQA). Leading axes of q/k/v/mask beyond the
     first (e.g. blocks of `local_block_attention`) broadcast like the batch axis.
 
+    Layout: the g = hq / hkv query heads that share a kv head are folded into the query rows,
+    q -> [..., hkv, t·g, dh] and k/v -> [..., hkv, s, dh], so every product of the forward and
+    the backward is a plain batched matmul (batch ..., hkv) and nothing of score size
+    [t·g, s] is ever transposed (an einsum over [..., hkv, g, t, s] made XLA:CPU transpose the
+    score-sized gradient for dK — a third of the attention time).
+
     Custom VJP (memory-efficient attention): the forward keeps only q, k, v, the mask, the
     output and the fp32 log-sum-exp per row; the backward recomputes the probabilities from
     them. Autodiff would keep the fp32 scores, probabilities and a broadcast mask per head and
@@ -56,48 +62,71 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     branches — which dominated the step time on CPU.
     """
     *lead, t, hq, dh = q.shape
-    hkv = k.shape[-2]
-    qg = q.reshape(*lead, t, hkv, hq // hkv, dh)
-    return _attention(qg, k, v, mask)[0].reshape(*lead, t, hq, dh)
+    n = len(lead)
+    out = _attention(_rows(q, k.shape[-2]), jnp.moveaxis(k, n + 1, n), jnp.moveaxis(v, n + 1, n),
+                     mask[..., None, :, :])[0]                               # [..., hkv, t·g, dh]
+    return _unrows(out, t)
 
 
-def _probs(qg, k, mask, lse=None):
-    """Scaled masked scores -> (probs [..., hkv, g, t, s] fp32, lse [..., hkv, g, t])."""
-    dh = qg.shape[-1]
-    scores = jnp.einsum("...tkgd,...skd->...kgts", qg, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
-    scores = jnp.where(mask[..., None, None, :, :], scores, _NEG_INF)
-    if lse is None:
+def _rows(q: jax.Array, hkv: int) -> jax.Array:
+    """q [..., t, hq, dh] -> [..., hkv, t·g, dh]: the g query heads of a kv head become rows."""
+    *lead, t, hq, dh = q.shape
+    n = len(lead)
+    return jnp.moveaxis(q.reshape(*lead, t, hkv, hq // hkv, dh), n + 1, n).reshape(
+        *lead, hkv, t * (hq // hkv), dh)
+
+
+def _unrows(out: jax.Array, t: int) -> jax.Array:
+    """Inverse of :func:`_rows`: [..., hkv, t·g, dh] -> [..., t, hq, dh]."""
+    *lead, hkv, r, dh = out.shape
+    n = len(lead)
+    return jnp.moveaxis(out.reshape(*lead, hkv, t, r // t, dh), n, n + 1).reshape(
+        *lead, t, hkv * (r // t), dh)
+
+
+def _probs(q, k, mask, lse=None):
+    """Scaled masked scores of q [..., hkv, t·g, dh] and k [..., hkv, s, dh] under mask
+    [..., 1 | hkv, t, s] (rows are (t, g) pairs). Forward (no `lse`): (exp(scores − rowmax), row sums, lse [..., hkv, t·g]);
+    backward (given `lse`): the probabilities [..., hkv, t·g, s] fp32."""
+    *lead, h, r, dh = q.shape
+    t, s = mask.shape[-2:]
+    scores = jnp.einsum("...rd,...sd->...rs", q, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
+    scores = scores.reshape(*lead, h, t, r // t, s)                        # a bitcast: rows are (t, g)
+    scores = jnp.where(mask[..., :, None, :], scores, _NEG_INF).reshape(*lead, h, r, s)
+    if lse is None:   # forward: unnormalised exp(s - max) and the row sums
         m = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
         e = jnp.exp(scores - m)
         l = jnp.sum(e, axis=-1, keepdims=True)
-        return e / l, (m + jnp.log(l))[..., 0]
-    return jnp.exp(scores - lse[..., None]), lse
+        return e, l, (m + jnp.log(l))[..., 0]
+    return jnp.exp(scores - lse[..., None])
 
 
 @jax.custom_vjp
-def _attention(qg, k, v, mask):
-    probs, lse = _probs(qg, k, mask)
-    return jnp.einsum("...kgts,...skd->...tkgd", probs.astype(v.dtype), v), lse
+def _attention(q, k, v, mask):
+    e, l, lse = _probs(q, k, mask)
+    # normalise the [.., t·g, dh] output rather than the [.., t·g, s] probabilities: one pass less
+    out = jnp.einsum("...rs,...sd->...rd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / l).astype(v.dtype), lse
 
 
-def _attention_fwd(qg, k, v, mask):
-    out, lse = _attention(qg, k, v, mask)
-    return (out, lse), (qg, k, v, mask, out, lse)
+def _attention_fwd(q, k, v, mask):
+    out, lse = _attention(q, k, v, mask)
+    return (out, lse), (q, k, v, mask, out, lse)
 
 
 def _attention_bwd(res, cts):
-    qg, k, v, mask, out, lse = res
+    q, k, v, mask, out, lse = res
     dout = cts[0]                      # the lse output is internal: its cotangent is ignored
-    dh = qg.shape[-1]
+    dh = q.shape[-1]
     f32 = jnp.float32
-    probs, _ = _probs(qg, k, mask, lse)
-    dv = jnp.einsum("...kgts,...tkgd->...skd", probs.astype(v.dtype), dout, preferred_element_type=f32)
-    dp = jnp.einsum("...tkgd,...skd->...kgts", dout, v, preferred_element_type=f32)
-    delta = jnp.einsum("...tkgd,...tkgd->...kgt", dout.astype(f32), out.astype(f32))
-    ds = (probs * (dp - delta[..., None]) * (dh ** -0.5)).astype(qg.dtype)
-    dq = jnp.einsum("...kgts,...skd->...tkgd", ds, k, preferred_element_type=f32)
-    dk = jnp.einsum("...kgts,...tkgd->...skd", ds, qg, preferred_element_type=f32)
-    return dq.astype(qg.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    probs = _probs(q, k, mask, lse)
+    dv = jnp.einsum("...rs,...rd->...sd", probs.astype(v.dtype), dout, preferred_element_type=f32)
+    dp = jnp.einsum("...rd,...sd->...rs", dout, v, preferred_element_type=f32)
+    delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+    ds = (probs * (dp - delta) * (dh ** -0.5)).astype(q.dtype)
+    dq = jnp.einsum("...rs,...sd->...rd", ds, k, preferred_element_type=f32)
+    dk = jnp.einsum("...rs,...rd->...sd", ds, q, preferred_element_type=f32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -121,16 +150,21 @@ def local_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
         q, k, v, segment_ids = padt(q), padt(k), padt(v), padt(segment_ids, -1)
     n = (t + pad) // w
 
-    def with_previous(a, fill=0):         # [b, n, w, ...] -> [b, n, 2w, ...]: block i-1, then block i
-        prev = jnp.concatenate([jnp.full_like(a[:, :1], fill), a[:, :-1]], axis=1)
-        return jnp.concatenate([prev, a], axis=2)
+    def with_previous(a, axis, fill=0):   # blocks on `axis` -> block i-1, then block i, on axis+1
+        first = jax.lax.slice_in_dim(a, 0, 1, axis=axis)
+        prev = jnp.concatenate([jnp.full_like(first, fill),
+                                jax.lax.slice_in_dim(a, 0, n - 1, axis=axis)], axis=axis)
+        return jnp.concatenate([prev, a], axis=axis + 1)
 
-    blocks = lambda a: a.reshape(b, n, w, *a.shape[2:])  # noqa: E731
-    index = blocks(jnp.broadcast_to(jnp.arange(n * w, dtype=jnp.int32), (b, n * w)))
-    qseg = blocks(segment_ids)
-    mask = attention_mask(index, with_previous(index), qseg, with_previous(qseg, -2), w)   # [b, n, w, 2w]
-    out = dot_product_attention(blocks(q), with_previous(blocks(k)), with_previous(blocks(v)), mask)
-    return out.reshape(b, n * w, hq, dh)[:, :t]
+    hkv = k.shape[2]
+    # heads-first, then blocks: q [b, hkv, n, w·g, dh], k/v [b, hkv, n, 2w, dh], mask [b, 1, n, w, 2w]
+    qb = _rows(q, hkv).reshape(b, hkv, n, -1, dh)
+    kv_blocks = lambda a: with_previous(jnp.moveaxis(a, 2, 1).reshape(b, hkv, n, w, dh), 2)  # noqa: E731
+    index = jnp.broadcast_to(jnp.arange(n * w, dtype=jnp.int32), (b, n * w)).reshape(b, n, w)
+    qseg = segment_ids.reshape(b, n, w)
+    mask = attention_mask(index, with_previous(index, 1), qseg, with_previous(qseg, 1, -2), w)
+    out = _attention(qb, kv_blocks(k), kv_blocks(v), mask[:, None])[0]       # [b, hkv, n, w·g, dh]
+    return _unrows(out.reshape(b, hkv, -1, dh), n * w)[:, :t]
 
 
 def resolve_attention_impl(impl: str, seq_len: int, window: int) -> str:
@@ -170,8 +204,10 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, is_global: jax.Array, positions: jax.Array,
+    def __call__(self, x: jax.Array, is_global: jax.Array, rope: tuple[jax.Array, jax.Array],
                  segment_ids: jax.Array) -> jax.Array:
+        """`rope` = ``rope_frequencies(positions, head_dim, rope_theta)``, computed once per
+        forward by the caller rather than in every layer."""
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         b, s, _ = x.shape
@@ -184,7 +220,7 @@ class Attention(nn.Module):
             q = RMSNorm(cfg.rms_norm_eps, axis_name="head_dim", name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, axis_name="head_dim", name="k_norm")(k)
         # RoPE only on local layers (NoPE on global) unless the ablation puts RoPE everywhere.
-        cos, sin = rope_frequencies(positions, dh, cfg.rope_theta)
+        cos, sin = rope
         use_rope = jnp.logical_not(is_global) if cfg.nope_global else jnp.bool_(True)
         q = jnp.where(use_rope, apply_rope(q, cos, sin), q)
         k = jnp.where(use_rope, apply_rope(k, cos, sin), k)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from trinity_jax.config import ModelConfig
-from trinity_jax.model.attention import Attention
+from trinity_jax.model.attention import Attention, rope_frequencies
 from trinity_jax.model.initializers import truncated_normal_3sigma
 from trinity_jax.model.mlp import SwiGLU
 from trinity_jax.model.moe import MoE
@@ -39,11 +39,11 @@ class DecoderLayer(nn.Module):
     moe: bool
 
     @nn.compact
-    def __call__(self, x, is_global, positions, segment_ids, valid):
+    def __call__(self, x, is_global, rope, segment_ids, valid):
         cfg = self.config
         post_init = 1.0 / math.sqrt(cfg.num_hidden_layers)  # depth-scaled sandwich-norm init (SPEC §3)
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x)
-        h = Attention(cfg, name="self_attn")(h, is_global, positions, segment_ids)
+        h = Attention(cfg, name="self_attn")(h, is_global, rope, segment_ids)
         if cfg.sandwich_norm:
             h = RMSNorm(cfg.rms_norm_eps, post_init, name="post_attention_layernorm")(h)
         x = x + checkpoint_name(h, "layer_attn")
@@ -113,14 +113,17 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
         flags = jnp.array([cfg.is_global_layer(i) for i in range(cfg.num_hidden_layers)])
         nd, nm = cfg.num_dense_layers, cfg.num_moe_layers
+        # RoPE tables once per forward (cos/sin [batch, seq, head_dim]), shared by every layer:
+        # computed inside each layer, XLA:CPU fused the transcendentals into per-head loops.
+        rope = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
         if nd:
-            x, _ = layer_stack(cfg, False, nd, "dense_layers")(x, flags[:nd], positions, segment_ids, valid)
+            x, _ = layer_stack(cfg, False, nd, "dense_layers")(x, flags[:nd], rope, segment_ids, valid)
         e = max(cfg.num_experts, 1)
         aux: dict[str, Any] = {"counts": jnp.zeros((0, e), jnp.float32),
                                "balance": jnp.zeros((0,), jnp.float32),
                                "dropped": jnp.zeros((0,), jnp.float32)}
         if nm:
-            x, aux = layer_stack(cfg, True, nm, "moe_layers")(x, flags[nd:], positions, segment_ids, valid)
+            x, aux = layer_stack(cfg, True, nm, "moe_layers")(x, flags[nd:], rope, segment_ids, valid)
         x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)                        # [batch, seq, embed]
         kernel = LMHead(cfg.vocab_size, cfg.sigma, name="lm_head")(cfg.hidden_size)
         if return_hidden:

@@ -1,15 +1,24 @@
 """Next-token cross-entropy + z-loss computed in sequence chunks (SPEC §4), and the total loss.
 
 The logits of a long sequence over a 200k vocabulary do not fit in memory (8192 × 200192 fp32
-is 6.6 GB per sequence), so :func:`chunked_cross_entropy` scans over chunks of
-``chunk_size`` sequence positions: each step computes fp32 logits ``[batch, chunk, vocab]``
-from the final hidden state and the ``lm_head`` kernel, reduces them to per-token CE and
-z-loss, and drops them. The chunk body is wrapped in ``jax.checkpoint`` so the backward pass
-recomputes each chunk's logits instead of saving them. The batch axis is kept whole inside a
-chunk, so a batch sharded over data-parallel devices stays sharded.
+is 6.6 GB per sequence), so :func:`chunked_cross_entropy` walks over chunks of ``chunk_size``
+sequence positions: each step computes fp32 logits ``[batch, chunk, vocab]`` from the final
+hidden state and the ``lm_head`` kernel, reduces them to per-token CE and z-loss, and drops
+them. The batch axis is kept whole inside a chunk, so a batch sharded over data-parallel
+devices stays sharded.
+
+Fused gradient. The differentiable output is one scalar, ``objective = Σ_t m_t (ce_t + w·lse_t²)``
+(the step divides it by the token count). Its gradient with respect to the chunk's logits is
+known as soon as the logits are, ``m_t ((1 + 2w·lse_t) softmax_t − onehot(target_t))``, so the
+forward pass (under ``jax.grad``) computes ``d hidden`` and ``d kernel`` chunk by chunk right
+there and keeps only those; the backward pass scales them by the incoming cotangent. That is
+three matmuls per chunk and no ``[tokens, vocab]`` residual, against four (a recomputed chunk
+under ``jax.checkpoint``) plus a scatter, a transposed copy and several vocab-sized passes for
+autodiff. ``ce``, ``z`` and the logit statistics are reported without gradient.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -21,35 +30,110 @@ __all__ = ["LossSums", "chunked_cross_entropy", "cross_entropy_reference", "comb
 class LossSums(NamedTuple):
     """Sums over the masked tokens of a (micro)batch; sums add across microbatches."""
 
+    objective: jax.Array   # Σ_t m_t · (ce_t + z_t): the only field that carries a gradient
     ce: jax.Array          # Σ_t m_t · (lse_t − logit_t[target])
     z: jax.Array           # Σ_t m_t · w · lse_t²
     count: jax.Array       # Σ_t m_t
-    logit_max: jax.Array   # max logit over masked tokens (no gradient)
-    logit_sum: jax.Array   # Σ_t m_t · mean_v logit_tv (no gradient)
+    logit_max: jax.Array   # max logit over masked tokens
+    logit_sum: jax.Array   # Σ_t m_t · mean_v logit_tv
 
     @property
     def logit_mean(self) -> jax.Array:
         return self.logit_sum / jnp.maximum(self.count, 1.0)
 
     def __add__(self, other: "LossSums") -> "LossSums":  # accumulate microbatches
-        return LossSums(self.ce + other.ce, self.z + other.z, self.count + other.count,
-                        jnp.maximum(self.logit_max, other.logit_max),
+        return LossSums(self.objective + other.objective, self.ce + other.ce, self.z + other.z,
+                        self.count + other.count, jnp.maximum(self.logit_max, other.logit_max),
                         self.logit_sum + other.logit_sum)
 
+    @staticmethod
+    def zeros() -> "LossSums":
+        zero = jnp.zeros((), jnp.float32)
+        return LossSums(zero, zero, zero, zero, jnp.full((), -jnp.inf, jnp.float32), zero)
 
-def _token_losses(h, kernel, targets, mask, z_loss_weight):
-    """h [B,C,d], kernel [d,V], targets/mask [B,C] -> LossSums of this chunk (fp32 logits)."""
+
+def _chunk_stats(h, kernel, targets, mask, z_loss_weight, with_grad: bool):
+    """One chunk: h [B,C,d], kernel [d,V], targets/mask [B,C] -> (stats [5], dh, dkernel).
+
+    stats = (ce, z, count, logit_max, logit_sum) sums of the chunk; dh/dkernel (None unless
+    ``with_grad``) are the gradients of Σ m (ce + z) for this chunk."""
     logits = jnp.einsum("bcd,dv->bcv", h, kernel.astype(h.dtype),
                         preferred_element_type=jnp.float32)          # [B, C, V] fp32
-    lse = jax.nn.logsumexp(logits, axis=-1)                            # [B, C]
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - m)
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    lse = (m + jnp.log(l))[..., 0]                                     # [B, C]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     mask = mask.astype(jnp.float32)
-    ce = jnp.sum((lse - target_logit) * mask)
-    z = jnp.sum(z_loss_weight * jnp.square(lse) * mask)
-    sg = jax.lax.stop_gradient(logits)
-    lmax = jnp.max(jnp.where(mask[..., None] > 0, sg, -jnp.inf))
-    lsum = jnp.sum(jnp.mean(sg, axis=-1) * mask)
-    return LossSums(ce, z, jnp.sum(mask), lmax, lsum)
+    stats = jnp.stack([jnp.sum((lse - target_logit) * mask),
+                       jnp.sum(z_loss_weight * jnp.square(lse) * mask),
+                       jnp.sum(mask),
+                       jnp.max(jnp.where(mask > 0, m[..., 0], -jnp.inf)),
+                       jnp.sum(jnp.mean(logits, axis=-1) * mask)])
+    if not with_grad:
+        return stats, None, None
+    # d Σ m(ce + w lse²) / d logits = m ((1 + 2w lse) p − onehot(target)), p = e / l
+    row = (mask * (1.0 + 2.0 * z_loss_weight * lse))[..., None] / l
+    onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+    dlogits = (row * e - jnp.where(onehot, mask[..., None], 0.0)).astype(h.dtype)
+    dh = jnp.einsum("bcv,dv->bcd", dlogits, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+    dkernel = jnp.einsum("bcd,bcv->dv", h, dlogits, preferred_element_type=jnp.float32)
+    return stats, dh, dkernel
+
+
+def _pad_to_chunks(x, n, c):
+    """[B, S, ...] -> [n, B, c, ...] (zero-padded to n·c positions)."""
+    b, s = x.shape[:2]
+    x = jnp.pad(x, [(0, 0), (0, n * c - s)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.swapaxes(x.reshape((b, n, c) + x.shape[2:]), 0, 1)
+
+
+def _losses(hidden, kernel, targets, loss_mask, chunk_size, z_loss_weight, with_grad):
+    """All chunks: (stats [5], dhidden [B,S,d] | None, dkernel [d,V] | None)."""
+    b, s, d = hidden.shape
+    c = min(chunk_size, s)
+    n = -(-s // c)
+    if n == 1:
+        return _chunk_stats(hidden, kernel, targets, loss_mask, z_loss_weight, with_grad)
+    chunks = tuple(_pad_to_chunks(x, n, c) for x in (hidden, targets, loss_mask))
+
+    def step(carry, xs):
+        acc, dk = carry
+        st, dh, dkc = _chunk_stats(*xs[:1], kernel, *xs[1:], z_loss_weight, with_grad)
+        acc = jnp.stack([acc[0] + st[0], acc[1] + st[1], acc[2] + st[2],
+                         jnp.maximum(acc[3], st[3]), acc[4] + st[4]])
+        return (acc, dk if dkc is None else dk + dkc), dh
+
+    init = (jnp.array([0.0, 0.0, 0.0, -jnp.inf, 0.0], jnp.float32),
+            jnp.zeros(kernel.shape, jnp.float32) if with_grad else None)
+    (stats, dkernel), dh = jax.lax.scan(step, init, chunks)
+    if with_grad:
+        dh = jnp.swapaxes(dh, 0, 1).reshape(b, n * c, d)[:, :s]
+    return stats, dh, dkernel
+
+
+def _sums(stats) -> LossSums:
+    ce, z, count, lmax, lsum = (stats[i] for i in range(5))
+    return LossSums(ce + z, ce, z, count, lmax, lsum)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused(hidden, kernel, targets, loss_mask, chunk_size, z_loss_weight):
+    return _sums(_losses(hidden, kernel, targets, loss_mask, chunk_size, z_loss_weight, False)[0])
+
+
+def _fused_fwd(hidden, kernel, targets, loss_mask, chunk_size, z_loss_weight):
+    stats, dh, dk = _losses(hidden, kernel, targets, loss_mask, chunk_size, z_loss_weight, True)
+    return _sums(stats), (dh.astype(hidden.dtype), dk.astype(kernel.dtype))
+
+
+def _fused_bwd(chunk_size, z_loss_weight, res, ct: LossSums):
+    dh, dk = res
+    g = ct.objective              # the statistics carry no gradient: their cotangents are dropped
+    return (g * dh).astype(dh.dtype), (g * dk).astype(dk.dtype), None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
@@ -58,37 +142,25 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
     """CE and z-loss sums of ``hidden [B,S,d] @ kernel [d,V]`` without materialising [B,S,V].
 
     ``chunk_size`` is the number of sequence positions per chunk (a chunk holds
-    ``B × chunk_size`` tokens); S is zero-padded (with mask 0) to a multiple of it.
+    ``B × chunk_size`` tokens); S is zero-padded (with mask 0) to a multiple of it. Only
+    ``objective`` (= ce + z) is differentiable, with the fused gradient described above.
     """
-    b, s, d = hidden.shape
-    c = min(chunk_size, s)
-    n = -(-s // c)
-    pad = n * c - s
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        loss_mask = jnp.pad(loss_mask, ((0, 0), (0, pad)))
-    if n == 1:
-        return _token_losses(hidden, kernel, targets, loss_mask, z_loss_weight)
-
-    def to_chunks(x):  # [B, n*c, ...] -> [n, B, c, ...]
-        return jnp.swapaxes(x.reshape((b, n, c) + x.shape[2:]), 0, 1)
-
-    body = jax.checkpoint(
-        lambda h, t, m: _token_losses(h, kernel, t, m, z_loss_weight), prevent_cse=False)
-
-    def step(acc, xs):
-        return acc + body(*xs), None
-
-    zero = jnp.zeros((), jnp.float32)
-    init = LossSums(zero, zero, zero, jnp.full((), -jnp.inf, jnp.float32), zero)
-    out, _ = jax.lax.scan(step, init, (to_chunks(hidden), to_chunks(targets), to_chunks(loss_mask)))
-    return out
+    return _fused(hidden, kernel, targets, loss_mask, int(chunk_size), float(z_loss_weight))
 
 
 def cross_entropy_reference(hidden, kernel, targets, loss_mask, *, z_loss_weight=1e-6) -> LossSums:
-    """The naive full-logits version of :func:`chunked_cross_entropy` (tests, small models)."""
-    return _token_losses(hidden, kernel, targets, loss_mask, z_loss_weight)
+    """The naive full-logits version by plain autodiff (every field differentiable): the oracle
+    :func:`chunked_cross_entropy` is tested against."""
+    logits = jnp.einsum("bsd,dv->bsv", hidden, kernel.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    mask = loss_mask.astype(jnp.float32)
+    ce = jnp.sum((lse - target_logit) * mask)
+    z = jnp.sum(z_loss_weight * jnp.square(lse) * mask)
+    sg = jax.lax.stop_gradient(logits)
+    return LossSums(ce + z, ce, z, jnp.sum(mask), jnp.max(jnp.where(mask[..., None] > 0, sg, -jnp.inf)),
+                    jnp.sum(jnp.mean(sg, axis=-1) * mask))
 
 
 def combine_losses(sums: LossSums, balance: jax.Array, *, num_tokens: jax.Array,
@@ -100,7 +172,7 @@ def combine_losses(sums: LossSums, balance: jax.Array, *, num_tokens: jax.Array,
     reason (the balance loss is an average over sequences). Returns (loss, parts dict).
     """
     n = jnp.maximum(num_tokens, 1.0)
-    ce = sums.ce / n
-    z = sums.z / n
     bal = balance_loss_weight * jnp.sum(balance) * balance_scale
-    return ce + z + bal, {"ce": ce, "z_loss": z, "balance_loss": bal}
+    parts = {"ce": jax.lax.stop_gradient(sums.ce) / n, "z_loss": jax.lax.stop_gradient(sums.z) / n,
+             "balance_loss": bal}
+    return sums.objective / n + bal, parts

@@ -108,7 +108,7 @@ def accumulate_gradients(cfg, model: nn.Module, params, balance, batch: dict):
     bias = expert_bias_of(balance)
     counts_shape = bias.shape if bias is not None else (0, max(cfg.model.num_experts, 1))
     init = (jax.tree.map(jnp.zeros_like, params), zero,
-            LossSums(zero, zero, zero, jnp.full((), -jnp.inf, jnp.float32), zero),
+            LossSums.zeros(),
             jnp.zeros(counts_shape, jnp.float32),
             {"ce": zero, "z_loss": zero, "balance_loss": zero})
     (grads, loss, sums, counts, parts), mb_ce = jax.lax.scan(body, init, _split_microbatches(batch, m))
