@@ -128,6 +128,8 @@ def bench_hf(args, batch, log) -> dict:
 
 
 def main() -> int:
+    from trinity_jax.malloc_env import reexec_with_hugepages
+    reexec_with_hugepages()     # both sides of the comparison run under it (one process)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)

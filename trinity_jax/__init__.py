@@ -7,6 +7,11 @@
 """
 __version__ = "0.1.0"
 
-from trinity_jax.api import LoadedModel, export_hf, load  # noqa: E402
-
 __all__ = ["load", "export_hf", "LoadedModel", "__version__"]
+
+
+def __getattr__(name):  # lazy: `import trinity_jax.malloc_env` (the launchers) must not import jax
+    if name in ("load", "export_hf", "LoadedModel"):
+        from trinity_jax import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'trinity_jax' has no attribute {name!r}")
