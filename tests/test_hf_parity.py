@@ -161,7 +161,7 @@ def test_unsupported_config_values_are_rejected(tmp_path, key, value):
 
 
 def test_failed_conversion_writes_nothing(tmp_path):
-    from trinity_jax.__main__ import main
+    from trinity_jax.cli import main
 
     src = _saved(tmp_path)
     cfg = json.loads((src / "config.json").read_text())
