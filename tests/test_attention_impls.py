@@ -44,50 +44,38 @@ def test_custom_vjp_attention_equals_autodiff_of_the_naive_formula():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("t,w,split", [(32, 8, 1), (37, 8, 1), (5, 8, 1), (24, 1, 1),
-                                       (37, 8, 2), (37, 8, 4), (30, 6, 4)])
-def test_local_blocks_equal_the_full_masked_matrix(t, w, split):
-    """Query blocks of w / split rows (split 4 at w = 6 falls back to 3: blocks of 2 rows)."""
-    q, k, v = _qkv(2, t, 4, 2, 8)
-    # two packed documents in row 0 (boundary at 13), one in row 1
-    seg = jnp.stack([(jnp.arange(t) >= 13).astype(jnp.int32) + 1, jnp.ones((t,), jnp.int32)])
-    idx = jnp.broadcast_to(jnp.arange(t), (2, t))
-
-    def full(q, k, v):          # autodiff of the naive formula: checks the custom VJP as well
-        return _naive_attention(q, k, v, attention_mask(idx, idx, seg, seg, w))
-
-    def blocks(q, k, v):
-        return local_block_attention(q, k, v, seg, w, split)
-
-    np.testing.assert_allclose(blocks(q, k, v), full(q, k, v), rtol=1e-5, atol=1e-5)
-    ct = jax.random.normal(jax.random.key(9), q.shape)
-    g_full = jax.grad(lambda *a: jnp.sum(full(*a) * ct), argnums=(0, 1, 2))(q, k, v)
-    g_blocks = jax.grad(lambda *a: jnp.sum(blocks(*a) * ct), argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(g_blocks, g_full):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("t,blocks,min_rows", [(37, 8, 8), (32, 4, 8), (40, 2, 1), (20, 8, 128)])
-def test_causal_blocks_equal_the_full_masked_matrix(t, blocks, min_rows):
-    """Global layers in causal query blocks (37 rows -> 4 blocks of 10, 10, 10, 7; 20 rows with
-    min_rows 128 -> one block) equal the full masked matrix, packed documents included; value
-    and grads within 1e-5 (fp32, same products over fewer masked keys)."""
+def _assert_equals_full_matrix(blocked, t, window):
+    """blocked(q, k, v, seg) equals autodiff of the naive full masked formula (which checks the
+    custom VJP as well) on two rows, two packed documents in row 0 (boundary at 13): value and
+    grads within 1e-5 (fp32, the same products over fewer masked keys)."""
     q, k, v = _qkv(2, t, 4, 2, 8)
     seg = jnp.stack([(jnp.arange(t) >= 13).astype(jnp.int32) + 1, jnp.ones((t,), jnp.int32)])
     idx = jnp.broadcast_to(jnp.arange(t), (2, t))
 
     def full(q, k, v):
-        return _naive_attention(q, k, v, attention_mask(idx, idx, seg, seg, None))
+        return _naive_attention(q, k, v, attention_mask(idx, idx, seg, seg, window))
 
-    def blocked(q, k, v):
-        return causal_block_attention(q, k, v, seg, blocks, min_rows)
-
-    np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(blocked(q, k, v, seg), full(q, k, v), rtol=1e-5, atol=1e-5)
     ct = jax.random.normal(jax.random.key(9), q.shape)
     g_full = jax.grad(lambda *a: jnp.sum(full(*a) * ct), argnums=(0, 1, 2))(q, k, v)
-    g_blocked = jax.grad(lambda *a: jnp.sum(blocked(*a) * ct), argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(g_blocked, g_full):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    g_blocked = jax.grad(lambda *a: jnp.sum(blocked(*a, seg) * ct), argnums=(0, 1, 2))(q, k, v)
+    for x, y in zip(g_blocked, g_full):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,w,split", [(32, 8, 1), (37, 8, 1), (5, 8, 1), (24, 1, 1),
+                                       (37, 8, 2), (37, 8, 4), (30, 6, 4)])
+def test_local_blocks_equal_the_full_masked_matrix(t, w, split):
+    """Query blocks of w / split rows (split 4 at w = 6 falls back to 3: blocks of 2 rows)."""
+    _assert_equals_full_matrix(lambda q, k, v, seg: local_block_attention(q, k, v, seg, w, split), t, w)
+
+
+@pytest.mark.parametrize("t,blocks,min_rows", [(37, 8, 8), (32, 4, 8), (40, 2, 1), (20, 8, 128)])
+def test_causal_blocks_equal_the_full_masked_matrix(t, blocks, min_rows):
+    """Global layers in causal query blocks (37 rows -> 4 blocks of 10, 10, 10, 7; 20 rows with
+    min_rows 128 -> one block)."""
+    _assert_equals_full_matrix(
+        lambda q, k, v, seg: causal_block_attention(q, k, v, seg, blocks, min_rows), t, None)
 
 
 def test_auto_picks_blocks_only_when_they_skip_work():
