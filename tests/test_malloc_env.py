@@ -49,3 +49,16 @@ def test_reexec_sets_the_tunable_and_cuts_page_faults():
     assert runs["plain"][1] == "" and runs["reexec"][1] == TUNABLE
     assert runs["plain"][0] > 30_000, runs
     assert runs["reexec"][0] * 20 < runs["plain"][0], runs
+
+
+def test_console_script_and_module_entry_points_start():
+    """`trinity` (setup.cfg console script -> trinity_jax.__main__:main) and
+    `python -m trinity_jax` both get through the re-exec to the CLI."""
+    script = os.path.join(os.path.dirname(sys.executable), "trinity")
+    if not os.path.exists(script):
+        pytest.skip(f"no console script at {script} (package not installed with scripts)")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "TRINITY_MALLOC_HUGETLB")}
+    for cmd in ([script, "--help"], [sys.executable, "-m", "trinity_jax", "--help"]):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, (cmd, out.stderr[-2000:])
+        assert "usage: trinity" in out.stdout, cmd
