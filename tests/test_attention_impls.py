@@ -70,10 +70,10 @@ def test_local_blocks_equal_the_full_masked_matrix(t, w, split):
     _assert_equals_full_matrix(lambda q, k, v, seg: local_block_attention(q, k, v, seg, w, split), t, w)
 
 
-@pytest.mark.parametrize("t,blocks,min_rows", [(37, 8, 8), (32, 4, 8), (40, 2, 1), (20, 8, 128)])
+@pytest.mark.parametrize("t,blocks,min_rows", [(37, 8, 8), (32, 4, 8), (40, 5, 1), (20, 8, 128)])
 def test_causal_blocks_equal_the_full_masked_matrix(t, blocks, min_rows):
-    """Global layers in causal query blocks (37 rows -> 4 blocks of 10, 10, 10, 7; 20 rows with
-    min_rows 128 -> one block)."""
+    """Global layers in causal query blocks (37 rows -> 4 blocks of 10, 10, 10, 7; 40 rows -> 5
+    blocks of 8; 20 rows with min_rows 128 -> one block)."""
     _assert_equals_full_matrix(
         lambda q, k, v, seg: causal_block_attention(q, k, v, seg, blocks, min_rows), t, None)
 

@@ -138,14 +138,15 @@ def local_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
 
     Row t attends to t − w < s ≤ t, so a query block [i·c, (i+1)·c) needs only key blocks
     i − split, ..., i (w + c keys). `split` = 2 (the default for w ≥ 64) computes 1.5w scores a
-    row instead of 2w: 15% faster forward+backward at w = 128 on CPU, where 4 was no better. The
+    row instead of 2w: 15% faster forward+backward at w = 128 on CPU, where 4 was no better;
+    for w < 128 the smaller blocks cost more compile time than they save, so split is 1). The
     sequence is padded to a multiple of c (padding rows are their own document and are
     dropped); the missing blocks before block 0 are a document of their own (segment -2), so
     `attention_mask` on the blocks' own indices gives the same mask as on the whole sequence.
     """
     b, t, hq, dh = q.shape
     w = int(window)
-    split = max(1, min(int(split if split is not None else (2 if w >= 64 else 1)), w))
+    split = max(1, min(int(split if split is not None else (2 if w >= 128 else 1)), w))
     while w % split:
         split -= 1
     c = w // split
@@ -178,12 +179,15 @@ def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids
     """Global (causal, document-masked) self-attention in n ≤ `blocks` query blocks of at least
     `min_rows` rows: block i attends only to keys [0, end of block i), so the fully masked upper
     triangle is skipped — (n+1)/(2n) of the full matrix's work (5/8 at n = 4: forward+backward
-    82 -> 54 ms at t = 512 on CPU). Same result as the full masked matrix (window 0).
+    82 -> 54 ms at t = 512 on CPU). Same result as the full masked matrix (window 0). Below
+    n = 4 (a saving under 3/8) the extra ops cost more compile time than they save, so it is
+    one block: the full matrix.
     """
     b, t, hq, dh = q.shape
     hkv = k.shape[2]
     g = hq // hkv
-    n = max(1, min(blocks, t // max(1, min_rows)))
+    n = min(blocks, t // max(1, min_rows))
+    n = n if n >= 4 else 1
     c = -(-t // n)
     qr, kh, vh = _rows(q, hkv), jnp.moveaxis(k, 2, 1), jnp.moveaxis(v, 2, 1)
     index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
