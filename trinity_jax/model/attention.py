@@ -47,7 +47,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     """q [b, t, hq, dh], k/v [b, s, hkv, dh], mask [..., t, s] -> [b, t, hq, dh]; softmax in fp32.
 
     Query head i reads kv head i // (hq / hkv) (GQA). Leading axes of q/k/v/mask beyond the
-    first (e.g. blocks of `local_block_attention`) broadcast like the batch axis.
+    first broadcast like the batch axis.
 
     Layout: the g = hq / hkv query heads that share a kv head are folded into the query rows,
     q -> [..., hkv, t·g, dh] and k/v -> [..., hkv, s, dh], so every product of the forward and
@@ -86,8 +86,8 @@ def _unrows(out: jax.Array, t: int) -> jax.Array:
 
 def _probs(q, k, mask, lse=None):
     """Scaled masked scores of q [..., hkv, t·g, dh] and k [..., hkv, s, dh] under mask
-    [..., 1 | hkv, t, s] (rows are (t, g) pairs). Forward (no `lse`): (exp(scores − rowmax), row sums, lse [..., hkv, t·g]);
-    backward (given `lse`): the probabilities [..., hkv, t·g, s] fp32."""
+    [..., 1 | hkv, t, s] (rows are (t, g) pairs). Forward (no `lse`): (exp(scores − rowmax),
+    row sums, lse [..., hkv, t·g]); backward (given `lse`): the probabilities, fp32."""
     *lead, h, r, dh = q.shape
     t, s = mask.shape[-2:]
     scores = jnp.einsum("...rd,...sd->...rs", q, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
@@ -137,9 +137,9 @@ def local_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
     """Sliding-window self-attention in query blocks of c = w / `split` rows: O(t·(w + c)).
 
     Row t attends to t − w < s ≤ t, so a query block [i·c, (i+1)·c) needs only key blocks
-    i − split, ..., i (w + c keys). `split` = 2 (the default for w ≥ 64) computes 1.5w scores a
-    row instead of 2w: 15% faster forward+backward at w = 128 on CPU, where 4 was no better;
-    for w < 128 the smaller blocks cost more compile time than they save, so split is 1). The
+    i − split, ..., i (w + c keys). The default `split` is 2 for w ≥ 128 (1.5w scores a row
+    instead of 2w: 15% faster forward+backward at w = 128 on CPU, where 4 was no better) and 1
+    below (smaller blocks cost more compile time than they save). The
     sequence is padded to a multiple of c (padding rows are their own document and are
     dropped); the missing blocks before block 0 are a document of their own (segment -2), so
     `attention_mask` on the blocks' own indices gives the same mask as on the whole sequence.

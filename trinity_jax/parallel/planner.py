@@ -118,7 +118,7 @@ def activation_bytes(cfg: ExperimentConfig, sizes: dict) -> dict:
     # elements per token (x bytes) of every intermediate autodiff would keep ('none').
     # Attention has a custom VJP (model/attention.py): it keeps q, k, v, the output and an fp32
     # log-sum-exp per head; the fp32 scores, probabilities and their cotangents [heads, S] exist
-    # for one layer at a time (S = 2·window on local_blocks layers, the sequence on global ones;
+    # for one layer at a time (counted at S = the sequence, an upper bound for local_blocks;
     # a fused kernel — attention_impl='dot_product_attention', cuDNN flash on GPU — never
     # materialises them)
     scores_transient = heads * (4 + bc) * (s if m.attention_impl != "dot_product_attention" else 1)

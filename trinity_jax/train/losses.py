@@ -41,7 +41,7 @@ class LossSums(NamedTuple):
     def logit_mean(self) -> jax.Array:
         return self.logit_sum / jnp.maximum(self.count, 1.0)
 
-    def __add__(self, other: "LossSums") -> "LossSums":  # accumulate microbatches
+    def __add__(self, other: "LossSums") -> "LossSums":  # accumulate chunks and microbatches
         return LossSums(self.objective + other.objective, self.ce + other.ce, self.z + other.z,
                         self.count + other.count, jnp.maximum(self.logit_max, other.logit_max),
                         self.logit_sum + other.logit_sum)
@@ -52,11 +52,10 @@ class LossSums(NamedTuple):
         return LossSums(zero, zero, zero, zero, jnp.full((), -jnp.inf, jnp.float32), zero)
 
 
-def _chunk_stats(h, kernel, targets, mask, z_loss_weight, with_grad: bool):
-    """One chunk: h [B,C,d], kernel [d,V], targets/mask [B,C] -> (stats [5], dh, dkernel).
+def _chunk_sums(h, kernel, targets, mask, z_loss_weight, with_grad: bool):
+    """One chunk: h [B,C,d], kernel [d,V], targets/mask [B,C] -> (LossSums, dh, dkernel).
 
-    stats = (ce, z, count, logit_max, logit_sum) sums of the chunk; dh/dkernel (None unless
-    ``with_grad``) are the gradients of Σ m (ce + z) for this chunk."""
+    dh/dkernel (None unless ``with_grad``) are the gradients of Σ m (ce + z) for this chunk."""
     logits = jnp.einsum("bcd,dv->bcv", h, kernel.astype(h.dtype),
                         preferred_element_type=jnp.float32)          # [B, C, V] fp32
     m = jnp.max(logits, axis=-1, keepdims=True)
@@ -65,20 +64,19 @@ def _chunk_stats(h, kernel, targets, mask, z_loss_weight, with_grad: bool):
     lse = (m + jnp.log(l))[..., 0]                                     # [B, C]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     mask = mask.astype(jnp.float32)
-    stats = jnp.stack([jnp.sum((lse - target_logit) * mask),
-                       jnp.sum(z_loss_weight * jnp.square(lse) * mask),
-                       jnp.sum(mask),
-                       jnp.max(jnp.where(mask > 0, m[..., 0], -jnp.inf)),
-                       jnp.sum(jnp.mean(logits, axis=-1) * mask)])
+    ce = jnp.sum((lse - target_logit) * mask)
+    z = jnp.sum(z_loss_weight * jnp.square(lse) * mask)
+    sums = LossSums(ce + z, ce, z, jnp.sum(mask), jnp.max(jnp.where(mask > 0, m[..., 0], -jnp.inf)),
+                    jnp.sum(jnp.mean(logits, axis=-1) * mask))
     if not with_grad:
-        return stats, None, None
+        return sums, None, None
     # d Σ m(ce + w lse²) / d logits = m ((1 + 2w lse) p − onehot(target)), p = e / l
     row = (mask * (1.0 + 2.0 * z_loss_weight * lse))[..., None] / l
     onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
     dlogits = (row * e - jnp.where(onehot, mask[..., None], 0.0)).astype(h.dtype)
     dh = jnp.einsum("bcv,dv->bcd", dlogits, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
     dkernel = jnp.einsum("bcd,bcv->dv", h, dlogits, preferred_element_type=jnp.float32)
-    return stats, dh, dkernel
+    return sums, dh, dkernel
 
 
 def _pad_to_chunks(x, n, c):
@@ -89,42 +87,35 @@ def _pad_to_chunks(x, n, c):
 
 
 def _losses(hidden, kernel, targets, loss_mask, chunk_size, z_loss_weight, with_grad):
-    """All chunks: (stats [5], dhidden [B,S,d] | None, dkernel [d,V] | None)."""
+    """All chunks: (LossSums, dhidden [B,S,d] | None, dkernel [d,V] | None)."""
     b, s, d = hidden.shape
     c = min(chunk_size, s)
     n = -(-s // c)
     if n == 1:
-        return _chunk_stats(hidden, kernel, targets, loss_mask, z_loss_weight, with_grad)
+        return _chunk_sums(hidden, kernel, targets, loss_mask, z_loss_weight, with_grad)
     chunks = tuple(_pad_to_chunks(x, n, c) for x in (hidden, targets, loss_mask))
 
     def step(carry, xs):
         acc, dk = carry
-        st, dh, dkc = _chunk_stats(*xs[:1], kernel, *xs[1:], z_loss_weight, with_grad)
-        acc = jnp.stack([acc[0] + st[0], acc[1] + st[1], acc[2] + st[2],
-                         jnp.maximum(acc[3], st[3]), acc[4] + st[4]])
-        return (acc, dk if dkc is None else dk + dkc), dh
+        h, t, m = xs
+        sums, dh, dkc = _chunk_sums(h, kernel, t, m, z_loss_weight, with_grad)
+        return (acc + sums, dk if dkc is None else dk + dkc), dh
 
-    init = (jnp.array([0.0, 0.0, 0.0, -jnp.inf, 0.0], jnp.float32),
-            jnp.zeros(kernel.shape, jnp.float32) if with_grad else None)
-    (stats, dkernel), dh = jax.lax.scan(step, init, chunks)
+    init = (LossSums.zeros(), jnp.zeros(kernel.shape, jnp.float32) if with_grad else None)
+    (sums, dkernel), dh = jax.lax.scan(step, init, chunks)
     if with_grad:
         dh = jnp.swapaxes(dh, 0, 1).reshape(b, n * c, d)[:, :s]
-    return stats, dh, dkernel
-
-
-def _sums(stats) -> LossSums:
-    ce, z, count, lmax, lsum = (stats[i] for i in range(5))
-    return LossSums(ce + z, ce, z, count, lmax, lsum)
+    return sums, dh, dkernel
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _fused(hidden, kernel, targets, loss_mask, chunk_size, z_loss_weight):
-    return _sums(_losses(hidden, kernel, targets, loss_mask, chunk_size, z_loss_weight, False)[0])
+    return _losses(hidden, kernel, targets, loss_mask, chunk_size, z_loss_weight, False)[0]
 
 
 def _fused_fwd(hidden, kernel, targets, loss_mask, chunk_size, z_loss_weight):
-    stats, dh, dk = _losses(hidden, kernel, targets, loss_mask, chunk_size, z_loss_weight, True)
-    return _sums(stats), (dh.astype(hidden.dtype), dk.astype(kernel.dtype))
+    sums, dh, dk = _losses(hidden, kernel, targets, loss_mask, chunk_size, z_loss_weight, True)
+    return sums, (dh.astype(hidden.dtype), dk.astype(kernel.dtype))
 
 
 def _fused_bwd(chunk_size, z_loss_weight, res, ct: LossSums):
@@ -173,6 +164,4 @@ def combine_losses(sums: LossSums, balance: jax.Array, *, num_tokens: jax.Array,
     """
     n = jnp.maximum(num_tokens, 1.0)
     bal = balance_loss_weight * jnp.sum(balance) * balance_scale
-    parts = {"ce": jax.lax.stop_gradient(sums.ce) / n, "z_loss": jax.lax.stop_gradient(sums.z) / n,
-             "balance_loss": bal}
-    return sums.objective / n + bal, parts
+    return sums.objective / n + bal, {"ce": sums.ce / n, "z_loss": sums.z / n, "balance_loss": bal}
