@@ -107,6 +107,36 @@ def test_muon_update_of_a_4d_expert_leaf_is_per_matrix_newton_schulz():
                 np.testing.assert_allclose(u[li, e], want, rtol=2e-3, atol=2e-5)
 
 
+def test_our_muon_transform_equals_optax_scale_by_muon_over_steps():
+    """Our scale_by_muon (tall-oriented NS for XLA:CPU) against optax.contrib.scale_by_muon
+    with per-matrix dimension numbers: 3 steps of momentum + NS, Nesterov on and off, on a
+    wide 2-D, a tall 2-D, a square and a 4-D expert leaf. Tolerance 2e-5 absolute on entries
+    of size ~1/√min(in,out) ≈ 0.1–0.35: both run 5 fp32 NS steps in a different product order,
+    whose rounding differences measure ≤ 2e-6; a wrong orientation, coefficient or
+    bias correction is off by > 1e-2."""
+    from optax.contrib import MuonDimensionNumbers
+    from optax.contrib import scale_by_muon as optax_muon
+    from trinity_jax.train.optimizer import NS_COEFFS, scale_by_muon
+
+    r = np.random.default_rng(1)
+    shapes = {"wide": (6, 20), "tall": (24, 5), "square": (8, 8), "experts": (2, 3, 16, 8)}
+    params = {k: jnp.zeros(v, jnp.float32) for k, v in shapes.items()}
+    dims = {k: MuonDimensionNumbers(reduction_axis=-2, output_axis=-1) for k in shapes}
+    for nesterov in (True, False):
+        ours = scale_by_muon(5, 0.95, nesterov)
+        ref = optax_muon(ns_coeffs=(NS_COEFFS,) * 5, ns_steps=5, beta=0.95, nesterov=nesterov,
+                         weight_dimension_numbers=dims)
+        s_ours, s_ref = ours.init(params), ref.init(params)
+        for _ in range(3):
+            g = {k: jnp.asarray(r.normal(size=v), jnp.float32) for k, v in shapes.items()}
+            u_ours, s_ours = jax.jit(ours.update)(g, s_ours)
+            u_ref, s_ref = jax.jit(ref.update)(g, s_ref)
+            for k in shapes:
+                np.testing.assert_allclose(u_ours[k], u_ref[k], rtol=0, atol=2e-5,
+                                           err_msg=f"{k} nesterov={nesterov}")
+                np.testing.assert_allclose(s_ours.mu[k], s_ref.mu[k], rtol=1e-6, atol=1e-7)
+
+
 def test_weight_decay_on_matrices_and_embeddings_not_on_norms():
     """Zero gradients: the update is −lr·0.1·p for Muon matrices and the embedding, 0 for gains."""
     params = {"embed_tokens": {"embedding": jnp.ones((8, 4))},

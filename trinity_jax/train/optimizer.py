@@ -24,15 +24,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
 __all__ = ["ParamRule", "param_rules", "make_optimizer", "Optimizer", "format_table",
-           "MATRIX_DIMS"]
+           "newton_schulz", "scale_by_muon", "MuonState"]
 
-# kernels are [..., in, out]: reduce over -2, output -1; all leading axes are batch axes.
-MATRIX_DIMS = MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
-# Keller Jordan's quintic coefficients, one row per step: optax then runs NS as a lax.scan
-# (its default unrolls the loop, which multiplies compile time by ~ns_steps per leaf).
+# Keller Jordan's quintic coefficients (the ones optax.contrib.muon defaults to).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
@@ -83,6 +79,60 @@ def format_table(params: Any, router_on_muon: bool = True, hidden_optimizer: str
     return "\n".join([line(head), line(tuple("-" * n for n in w))] + [line(r) for r in rows])
 
 
+def newton_schulz(x: jax.Array, steps: int, coeffs=NS_COEFFS, eps: float = 1e-8) -> jax.Array:
+    """Orthogonalise ``x [..., in, out]`` per matrix over its last two axes (leading axes are
+    batch axes): Frobenius-normalise, then ``steps`` quintic steps
+    ``X ← aX + (b·XXᵀ + c·(XXᵀ)²)X`` — optax's ``orthogonalize_via_newton_schulz``.
+
+    Computed on the tall orientation ``Y [..., n, m]`` (n ≥ m, Y = X or Xᵀ) as
+    ``Y ← aY + Y(b·YᵀY + c·(YᵀY)²)``, which is the same map transposed (the Gram matrix is
+    symmetric). On XLA:CPU the batched ``[n,m]×[m,m]`` products run ~2× faster than the
+    wide ``[m,m]×[m,n]`` ones optax issues (a 448-matrix 256×128 expert leaf: 1.27 s →
+    0.66 s for 5 steps). The steps are a ``lax.scan`` (unrolling multiplies compile time)."""
+    tall = x.shape[-2] >= x.shape[-1]
+    y = x if tall else jnp.swapaxes(x, -1, -2)
+    y = y / (jnp.linalg.norm(y, axis=(-2, -1), keepdims=True) + eps)
+
+    def step(y, _):
+        a0, b0, c0 = coeffs
+        gram = jnp.einsum("...ji,...jk->...ik", y, y)
+        return a0 * y + y @ (b0 * gram + c0 * (gram @ gram)), None
+
+    y, _ = jax.lax.scan(step, y, None, length=steps)
+    return y if tall else jnp.swapaxes(y, -1, -2)
+
+
+class MuonState(NamedTuple):
+    count: jax.Array   # int32 steps taken by this transform
+    mu: Any            # momentum, like the params
+
+
+def scale_by_muon(ns_steps: int, beta: float, nesterov: bool = True) -> optax.GradientTransformation:
+    """Muon's direction for ``[..., in, out]`` leaves: momentum (bias-corrected; Nesterov as
+    in ``optax.contrib.scale_by_muon``), then :func:`newton_schulz` per matrix. Equal to
+    optax's transform with ``weight_dimension_numbers`` (reduction -2, output -1) up to fp32
+    rounding (tests/test_train_optimizer.py); ours only orients the products for XLA:CPU."""
+
+    def init(params):
+        return MuonState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        mu = jax.tree.map(lambda g, m: beta * m + (1 - beta) * g, updates, state.mu)
+        corr = lambda n: 1 - beta ** n.astype(jnp.float32)
+        if nesterov:
+            c_mu, c_g = corr(optax.safe_increment(count)), corr(count)
+            direction = jax.tree.map(lambda m, g: beta * (m / c_mu) + (1 - beta) * (g / c_g),
+                                     mu, updates)
+        else:
+            direction = jax.tree.map(lambda m: m / corr(count), mu)
+        direction = jax.tree.map(lambda d: newton_schulz(d, ns_steps), direction)
+        return direction, MuonState(count, mu)
+
+    return optax.GradientTransformation(init, update)
+
+
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
     """``init(params) -> opt_state``; ``update(grads, opt_state, params, step)`` ->
@@ -118,11 +168,8 @@ def make_optimizer(optim_cfg, params: Any, schedules: dict) -> Optimizer:
 
     def muon(wd):
         # every leaf reaching this branch is a [..., in, out] matrix: leading axes are batch axes
-        dims = lambda updates: jax.tree.map(lambda _: MATRIX_DIMS, updates)
         return optax.chain(
-            scale_by_muon(ns_coeffs=(NS_COEFFS,) * optim_cfg.ns_steps, ns_steps=optim_cfg.ns_steps,
-                          beta=optim_cfg.muon_momentum, nesterov=optim_cfg.nesterov,
-                          weight_dimension_numbers=dims),
+            scale_by_muon(optim_cfg.ns_steps, optim_cfg.muon_momentum, optim_cfg.nesterov),
             optax.add_decayed_weights(wd), optax.scale(-1.0))
 
     def adam(wd):
