@@ -59,7 +59,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 
     Custom VJP: the forward keeps q, k, v, the mask, the output and the fp32 log-sum-exp per
     row, plus the unnormalised exp(scores) while they fit ``SAVE_EXP_MAX_BYTES`` per call;
-    beyond that (memory-efficient attention) the backward recomputes the probabilities. Autodiff would keep the fp32 scores, probabilities and a broadcast mask per head and
+    beyond that (memory-efficient attention) the backward recomputes the probabilities.
+    Autodiff would keep the fp32 scores, probabilities and a broadcast mask per head and
     layer — under `nn.scan` stacked over layers, and under `lax.cond` (local_blocks) for both
     branches — which dominated the step time on CPU.
     """
