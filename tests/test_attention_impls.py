@@ -10,7 +10,6 @@ import pytest
 
 from trinity_jax.config import model_config
 from trinity_jax.model import Transformer, init_variables
-from trinity_jax.model import attention
 from trinity_jax.model.attention import (attention_mask, causal_block_attention, dot_product_attention,
                                          local_block_attention, resolve_attention_impl)
 
@@ -30,12 +29,8 @@ def _naive_attention(q, k, v, mask):
     return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
 
 
-@pytest.mark.parametrize("save_exp_max_bytes", [2 ** 30, 0])
-def test_custom_vjp_attention_equals_autodiff_of_the_naive_formula(save_exp_max_bytes, monkeypatch):
-    """Both backward paths of the custom VJP: exp(scores) kept from the forward (a budget of
-    1 GiB) and, with a budget of 0 bytes, the memory-efficient one (probabilities recomputed
-    from the saved log-sum-exp)."""
-    monkeypatch.setattr(attention, "SAVE_EXP_MAX_BYTES", save_exp_max_bytes)
+def test_custom_vjp_attention_equals_autodiff_of_the_naive_formula():
+    """The memory-efficient VJP (probabilities recomputed from the saved log-sum-exp)."""
     q, k, v = _qkv(2, 21, 6, 2, 8, seed=3)
     seg = jnp.stack([jnp.where(jnp.arange(21) < 9, 1, 2), jnp.ones((21,), jnp.int32)])
     idx = jnp.broadcast_to(jnp.arange(21), (2, 21))

@@ -1,8 +1,6 @@
 """Gated GQA attention with QK-norm, RoPE on local layers and NoPE on global layers (SPEC §1.4)."""
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -57,10 +55,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     [t·g, s] is ever transposed (an einsum over [..., hkv, g, t, s] made XLA:CPU transpose the
     score-sized gradient for dK — a third of the attention time).
 
-    Custom VJP: the forward keeps q, k, v, the mask, the output and the fp32 log-sum-exp per
-    row, plus the unnormalised exp(scores) while they fit ``SAVE_EXP_MAX_BYTES`` per call;
-    beyond that (memory-efficient attention) the backward recomputes the probabilities.
-    Autodiff would keep the fp32 scores, probabilities and a broadcast mask per head and
+    Custom VJP (memory-efficient attention): the forward keeps only q, k, v, the mask, the
+    output and the fp32 log-sum-exp per row; the backward recomputes the probabilities from
+    them. Autodiff would keep the fp32 scores, probabilities and a broadcast mask per head and
     layer — under `nn.scan` stacked over layers, and under `lax.cond` (local_blocks) for both
     branches — which dominated the step time on CPU.
     """
@@ -104,54 +101,35 @@ def _probs(q, k, mask, lse=None):
     return jnp.exp(scores - lse[..., None])
 
 
-# The forward's unnormalised exp(scores) are kept for the backward when they take at most this
-# many bytes per call (per layer): the backward then skips the scores matmul, the mask and the
-# exp (global layer fwd+bwd 91 -> 74 ms at the bench shape [8, 2, 1024, 512] = 32 MiB).
-# Larger ones (long sequences) are recomputed from the log-sum-exp, so the saved residuals stay
-# O(t) per row under remat_policy='none'.
-SAVE_EXP_MAX_BYTES = 256 * 2 ** 20
-
-
+@jax.custom_vjp
 def _attention(q, k, v, mask):
-    """(out [..., hkv, t·g, dh], lse [..., hkv, t·g]) of q [..., hkv, t·g, dh], k/v [..., hkv, s,
-    dh] under mask [..., 1 | hkv, t, s]; see :func:`dot_product_attention` for the layout."""
-    n_scores = max(q.size // q.shape[-1], 1) * k.shape[-2]
-    return _attention_vjp(q, k, v, mask, n_scores * 4 <= SAVE_EXP_MAX_BYTES)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention_vjp(q, k, v, mask, save_exp):
-    return _attention_fwd(q, k, v, mask, save_exp)[0]
-
-
-def _attention_fwd(q, k, v, mask, save_exp):
     e, l, lse = _probs(q, k, mask)
     # normalise the [.., t·g, dh] output rather than the [.., t·g, s] probabilities: one pass less
     out = jnp.einsum("...rs,...sd->...rd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = (out / l).astype(v.dtype)
-    saved = (e, 1.0 / l) if save_exp else (None, None)
-    return (out, lse), (q, k, v, mask, out, lse) + saved
+    return (out / l).astype(v.dtype), lse
 
 
-def _attention_bwd(save_exp, res, cts):
-    q, k, v, mask, out, lse, e, inv_l = res
+def _attention_fwd(q, k, v, mask):
+    out, lse = _attention(q, k, v, mask)
+    return (out, lse), (q, k, v, mask, out, lse)
+
+
+def _attention_bwd(res, cts):
+    q, k, v, mask, out, lse = res
     dout = cts[0]                      # the lse output is internal: its cotangent is ignored
     dh = q.shape[-1]
     f32 = jnp.float32
-    if not save_exp:                   # recompute the probabilities: e = probs, l = 1
-        e, inv_l = _probs(q, k, mask, lse), 1.0
-    # probs = e / l: the 1/l row factor goes on the [t·g, dh] side (dout) and into ds's pass
-    dv = jnp.einsum("...rs,...rd->...sd", e.astype(v.dtype), (dout * inv_l).astype(v.dtype),
-                    preferred_element_type=f32)
+    probs = _probs(q, k, mask, lse)
+    dv = jnp.einsum("...rs,...rd->...sd", probs.astype(v.dtype), dout, preferred_element_type=f32)
     dp = jnp.einsum("...rd,...sd->...rs", dout, v, preferred_element_type=f32)
     delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
-    ds = (e * ((dp - delta) * (inv_l * dh ** -0.5))).astype(q.dtype)
+    ds = (probs * (dp - delta) * (dh ** -0.5)).astype(q.dtype)
     dq = jnp.einsum("...rs,...sd->...rd", ds, k, preferred_element_type=f32)
     dk = jnp.einsum("...rs,...rd->...sd", ds, q, preferred_element_type=f32)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_attention_vjp.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def local_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,

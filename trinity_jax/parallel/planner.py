@@ -26,7 +26,6 @@ import math
 from typing import Any, Optional
 
 from trinity_jax.config import ConfigError, ExperimentConfig, MeshConfig
-from trinity_jax.model.attention import SAVE_EXP_MAX_BYTES
 from trinity_jax.parallel.mesh import AXES, DATA_AXES, mesh_shape
 
 __all__ = ["plan", "format_plan", "depth_reduced", "param_table", "activation_bytes",
@@ -134,12 +133,7 @@ def activation_bytes(cfg: ExperimentConfig, sizes: dict) -> dict:
     # rematerialised, as the recomputed forward values too
     layer_max = max(attn_all + dense_all if nd else 0.0, attn_all + moe_all if nm else 0.0)
     if policy == "none":
-        # ... plus the forward's exp(scores) [heads, S] fp32 per token where they fit the VJP's
-        # per-call limit (attention.SAVE_EXP_MAX_BYTES; upper bound S keys for local_blocks)
-        exp_scores = heads * 4 * s
-        if m.attention_impl == "dot_product_attention" or exp_scores * t > SAVE_EXP_MAX_BYTES:
-            exp_scores = 0.0
-        saved = nd * (attn_all + dense_all) + nm * (attn_all + moe_all) + (nd + nm) * exp_scores
+        saved = nd * (attn_all + dense_all) + nm * (attn_all + moe_all)
         transient = layer_max
     else:
         if policy == "full":
