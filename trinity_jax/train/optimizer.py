@@ -93,8 +93,9 @@ def newton_schulz(x: jax.Array, steps: int, coeffs=NS_COEFFS, eps: float = 1e-8)
     y = x if tall else jnp.swapaxes(x, -1, -2)
     y = y / (jnp.linalg.norm(y, axis=(-2, -1), keepdims=True) + eps)
 
+    a0, b0, c0 = coeffs
+
     def step(y, _):
-        a0, b0, c0 = coeffs
         gram = jnp.einsum("...ji,...jk->...ik", y, y)
         return a0 * y + y @ (b0 * gram + c0 * (gram @ gram)), None
 
@@ -119,14 +120,14 @@ def scale_by_muon(ns_steps: int, beta: float, nesterov: bool = True) -> optax.Gr
     def update(updates, state, params=None):
         del params
         count = optax.safe_increment(state.count)
-        mu = jax.tree.map(lambda g, m: beta * m + (1 - beta) * g, updates, state.mu)
-        corr = lambda n: 1 - beta ** n.astype(jnp.float32)
+        mu = optax.tree.update_moment(updates, state.mu, beta, 1)
         if nesterov:
-            c_mu, c_g = corr(optax.safe_increment(count)), corr(count)
-            direction = jax.tree.map(lambda m, g: beta * (m / c_mu) + (1 - beta) * (g / c_g),
-                                     mu, updates)
+            direction = jax.tree.map(
+                lambda m, g: beta * m + (1 - beta) * g,
+                optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
+                optax.tree.bias_correction(updates, beta, count))
         else:
-            direction = jax.tree.map(lambda m: m / corr(count), mu)
+            direction = optax.tree.bias_correction(mu, beta, count)
         direction = jax.tree.map(lambda d: newton_schulz(d, ns_steps), direction)
         return direction, MuonState(count, mu)
 
