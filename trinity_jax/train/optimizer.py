@@ -146,9 +146,13 @@ class Optimizer:
     def init(self, params):
         return self.tx.init(params)
 
+    def learning_rates(self, step) -> dict:
+        """``{'muon': lr, 'adam': lr}`` at ``step`` (the schedules' values, before rule scales)."""
+        return {g: fn(step) for g, fn in self.schedules.items()}
+
     def update(self, grads, opt_state, params, step):
         updates, opt_state = self.tx.update(grads, opt_state, params)
-        lrs = {g: fn(step) for g, fn in self.schedules.items()}
+        lrs = self.learning_rates(step)
         updates = jax.tree.map(lambda r, u: (u * (lrs[r.group] * r.lr_scale)).astype(u.dtype),
                                self.rules, updates, is_leaf=_is_rule)
         return updates, opt_state, lrs
