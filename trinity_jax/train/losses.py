@@ -55,13 +55,17 @@ class LossSums(NamedTuple):
 def _chunk_sums(h, kernel, targets, mask, z_loss_weight, with_grad: bool):
     """One chunk: h [B,C,d], kernel [d,V], targets/mask [B,C] -> (LossSums, dh, dkernel).
 
-    dh/dkernel (None unless ``with_grad``) are the gradients of Σ m (ce + z) for this chunk."""
-    logits = jnp.einsum("bcd,dv->bcv", h, kernel.astype(h.dtype),
-                        preferred_element_type=jnp.float32)          # [B, C, V] fp32
+    dh/dkernel (None unless ``with_grad``) are the gradients of Σ m (ce + z) for this chunk.
+    The chunk's tokens are flattened to one axis [B·C, ...] so that ``dkernel`` is a dot with
+    one contracting axis (over (B, C) XLA:CPU transposed h in a separate pass first)."""
+    b, c, d = h.shape
+    h, targets, mask = h.reshape(b * c, d), targets.reshape(b * c), mask.reshape(b * c)
+    logits = jnp.einsum("td,dv->tv", h, kernel.astype(h.dtype),
+                        preferred_element_type=jnp.float32)          # [B·C, V] fp32
     m = jnp.max(logits, axis=-1, keepdims=True)
     e = jnp.exp(logits - m)
     l = jnp.sum(e, axis=-1, keepdims=True)
-    lse = (m + jnp.log(l))[..., 0]                                     # [B, C]
+    lse = (m + jnp.log(l))[..., 0]                                     # [B·C]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     mask = mask.astype(jnp.float32)
     ce = jnp.sum((lse - target_logit) * mask)
@@ -74,9 +78,9 @@ def _chunk_sums(h, kernel, targets, mask, z_loss_weight, with_grad: bool):
     row = (mask * (1.0 + 2.0 * z_loss_weight * lse))[..., None] / l
     onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
     dlogits = (row * e - jnp.where(onehot, mask[..., None], 0.0)).astype(h.dtype)
-    dh = jnp.einsum("bcv,dv->bcd", dlogits, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
-    dkernel = jnp.einsum("bcd,bcv->dv", h, dlogits, preferred_element_type=jnp.float32)
-    return sums, dh, dkernel
+    dh = jnp.einsum("tv,dv->td", dlogits, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+    dkernel = jnp.einsum("td,tv->dv", h, dlogits, preferred_element_type=jnp.float32)
+    return sums, dh.reshape(b, c, d), dkernel
 
 
 def _pad_to_chunks(x, n, c):
