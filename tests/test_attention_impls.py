@@ -11,7 +11,8 @@ import pytest
 from trinity_jax.config import model_config
 from trinity_jax.model import Transformer, init_variables
 from trinity_jax.model.attention import (attention_mask, causal_block_attention, dot_product_attention,
-                                         local_block_attention, resolve_attention_impl)
+                                         local_block_attention, resolve_attention_impl, rope_frequencies,
+                                         rope_tables)
 
 
 def _qkv(b, t, hq, hkv, dh, seed=0):
@@ -108,3 +109,25 @@ def test_model_impls_agree_with_xla(impl):
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_rope_tables_equal_the_frequencies_and_are_computed_once_per_forward():
+    """`rope_tables` returns exactly `rope_frequencies` (both branches of its conditional:
+    positions ≥ 0, and a negative one), and in a compiled 4-layer forward+backward cos and sin
+    are each evaluated once — not fused into every layer's q/k rotation (the ~10×-slower path
+    on XLA:CPU it exists to avoid)."""
+    pos = jnp.where(jnp.arange(19) < 11, jnp.arange(19), jnp.arange(19) - 11)[None].repeat(2, 0)
+    for p in (pos, pos.at[1, 3].set(-2)):
+        want = jax.jit(lambda p: rope_frequencies(p, 16, 1e4))(p)
+        got = jax.jit(lambda p: rope_tables(p, 16, 1e4))(p)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    cfg = model_config(**KW, attention_impl="local_blocks", nope_global=False)
+    v = init_variables(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 19), 0, 64)
+    f = lambda p, pos: jnp.mean(Transformer(cfg).apply(  # noqa: E731
+        {"params": p, "balance": v["balance"]}, tokens, positions=pos, segment_ids=jnp.ones_like(pos))[0] ** 2)
+    # positions are an argument, as in the train step (constant ones fold the conditional away)
+    hlo = jax.jit(jax.grad(f)).lower(v["params"], pos).compile().as_text()
+    # one cosine and one sine in the taken branch, one of each in the recomputing branch
+    assert hlo.count(" cosine(") == 2 and hlo.count(" sine(") == 2, (hlo.count(" cosine("), hlo.count(" sine("))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from trinity_jax.config import ModelConfig
-from trinity_jax.model.attention import Attention, rope_frequencies
+from trinity_jax.model.attention import Attention, rope_tables
 from trinity_jax.model.initializers import truncated_normal_3sigma
 from trinity_jax.model.mlp import SwiGLU
 from trinity_jax.model.moe import MoE
@@ -115,7 +115,7 @@ class Transformer(nn.Module):
         nd, nm = cfg.num_dense_layers, cfg.num_moe_layers
         # RoPE tables once per forward (cos/sin [batch, seq, head_dim]), shared by every layer:
         # computed inside each layer, XLA:CPU fused the transcendentals into per-head loops.
-        rope = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
+        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         if nd:
             x, _ = layer_stack(cfg, False, nd, "dense_layers")(x, flags[:nd], rope, segment_ids, valid)
         e = max(cfg.num_experts, 1)
