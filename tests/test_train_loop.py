@@ -127,3 +127,20 @@ def test_stops_after_max_nonfinite_steps_naming_the_step(trained):
         loop.run_loop(run)
     for a, b in zip(jax.tree.leaves(run.state.params), jax.tree.leaves(before)):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_metrics_writer_does_not_import_torch(tmp_path):
+    """tensorboardX's writer imports torch when installed (seconds of start-up per run); ours
+    hides it for that import, still writes an event file, and leaves torch importable."""
+    import subprocess
+    import sys
+    pytest.importorskip("torch")
+    code = ("import sys; from trinity_jax.train.metrics import MetricsWriter\n"
+            f"w = MetricsWriter({str(tmp_path)!r}); w.write({{'step': 1, 'loss': 2.5}}); w.close()\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "import torch; print(torch.zeros(2).sum().item())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "0.0"
+    assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Optional
 
@@ -27,6 +28,25 @@ def to_python(metrics: dict) -> dict:
     return out
 
 
+def _summary_writer_class():
+    """tensorboardX's ``SummaryWriter``, imported without torch.
+
+    tensorboardX's writer imports torch whenever it is installed (as it is next to the parity
+    tests), only so that it can accept torch tensors; that import took ~1.7 s of every run's
+    start-up. We log Python floats, so torch is hidden from that one import when it is not
+    already loaded, and importable again right after.
+    """
+    if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None          # `import torch` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """One JSON object per line to ``workdir/metrics.jsonl`` and scalars to ``workdir/tb/``.
 
@@ -43,8 +63,7 @@ class MetricsWriter:
             return
         self._f = open(os.path.join(workdir, "metrics.jsonl"), "a")
         try:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self._tb = _summary_writer_class()(os.path.join(workdir, "tb"))
         except ImportError:  # flax's writer needs tensorflow; without tensorboardX skip TB
             self._tb = None
 
