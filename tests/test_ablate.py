@@ -37,6 +37,7 @@ def get_config(variant="seed0"):
     m.num_hidden_layers, m.num_dense_layers, m.num_attention_heads, m.num_key_value_heads = 2, 1, 2, 1
     m.head_dim, m.num_experts, m.num_experts_per_tok, m.sliding_window = 16, 4, 2, 8
     m.global_attn_every_n_layers, m.max_position_embeddings = 2, 64
+    m.moe_impl = "dense_reference"   # the cheapest MoE to compile; dispatch is tested in test_moe
     c.optim.warmup_steps = 2
     c.train.steps, c.train.batch_size, c.train.seq_len, c.train.log_every = 4, 8, 32, 1
     c.train.eval_batches, c.train.peak_flops = 1, 1e11

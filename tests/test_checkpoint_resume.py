@@ -31,6 +31,7 @@ def get_config():
     m.num_hidden_layers, m.num_dense_layers, m.num_attention_heads, m.num_key_value_heads = 2, 1, 2, 1
     m.head_dim, m.num_experts, m.num_experts_per_tok, m.sliding_window = 16, 4, 2, 8
     m.global_attn_every_n_layers, m.max_position_embeddings = 2, 64
+    m.moe_impl = "dense_reference"   # the cheapest MoE to compile (~6 s less a cold run); dispatch: test_moe
     c.mesh.fsdp = -1
     c.optim.warmup_steps = 2
     c.train.steps, c.train.batch_size, c.train.seq_len, c.train.log_every = {steps}, 8, 32, 1

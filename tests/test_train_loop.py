@@ -20,7 +20,8 @@ TINY = {
     "model": dict(vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=32,
                   num_hidden_layers=2, num_dense_layers=0, num_attention_heads=2,
                   num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                  global_attn_every_n_layers=2, sliding_window=16, max_position_embeddings=64),
+                  global_attn_every_n_layers=2, sliding_window=16, max_position_embeddings=64,
+                  moe_impl="dense_reference"),   # cheapest MoE to compile; dispatch: test_moe
     "train": dict(steps=STEPS, batch_size=8, seq_len=32, log_every=10, eval_every=20,
                   eval_batches=2, loss_chunk_size=16, peak_flops=0.0, microbatches=1),
     "optim": dict(warmup_steps=5, muon_lr=0.02, adam_lr=0.01),
