@@ -8,7 +8,7 @@ but layer by layer (the stacked `[L, ...]` params are sliced per layer), so that
 - apply interventions (`Hooks`): shift the selection bias (ban / force experts), scale the
   attention output gate, overwrite the residual stream at given positions.
 
-Every piece of math is the model's: `rms_norm`, `rope_frequencies`/`apply_rope`,
+Every piece of math is the model's: `rms_norm`, `rope_tables`/`apply_rope`,
 `attention_mask`/`dot_product_attention`, `route` and the registered MoE implementations.
 Without a cache the MoE uses `model.moe_impl` and `model.capacity_factor` as the model does;
 with a cache it is always dropless and picks by the chunk's token-slots N = T·k against E
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from trinity_jax.config import ModelConfig
 from trinity_jax.inference.kv_cache import KVCache, ring_positions
-from trinity_jax.model.attention import apply_rope, attention_mask, dot_product_attention, rope_frequencies
+from trinity_jax.model.attention import apply_rope, attention_mask, dot_product_attention, rope_tables
 from trinity_jax.model.moe import ExpertWeights, get_moe_impl, route
 from trinity_jax.model.norms import rms_norm
 
@@ -167,7 +167,7 @@ def _cached_keys(kv_k, kv_v, k, v, length, valid, is_global: bool):
     return keys, values, key_pos, kv_k, kv_v
 
 
-def _attention(p, x, cfg: ModelConfig, is_global: bool, positions, kv, length, valid, gate_scale):
+def _attention(p, x, cfg: ModelConfig, is_global: bool, positions, rope, kv, length, valid, gate_scale):
     """Gated GQA attention (SPEC §1.4) of x [B, T, d]; returns (out [B,T,d], (k, v) cache, sigmoid gate)."""
     dtype = jnp.dtype(cfg.dtype)
     b, t, _ = x.shape
@@ -179,8 +179,7 @@ def _attention(p, x, cfg: ModelConfig, is_global: bool, positions, kv, length, v
         q = rms_norm(q, p["q_norm"]["scale"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"]["scale"], cfg.rms_norm_eps)
     if not (is_global and cfg.nope_global):            # RoPE on local layers only (NoPE on global)
-        cos, sin = rope_frequencies(positions, dh, cfg.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     window = None if is_global else cfg.sliding_window
     if kv is None:
         seg = jnp.ones((b, t), jnp.int32)
@@ -258,6 +257,7 @@ def forward(variables: dict, cfg: ModelConfig, tokens, *, cache: KVCache | None 
     length = cache.length if cache is not None else jnp.int32(0)
     valid = jnp.int32(t) if valid_len is None else jnp.asarray(valid_len, jnp.int32)
     positions = jnp.broadcast_to(length + jnp.arange(t, dtype=jnp.int32), (b, t))
+    rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)      # once, shared by every layer
     x = jnp.take(params["embed_tokens"]["embedding"].astype(dtype), tokens, axis=0)   # [B, T, d]
     if cfg.mup_enabled:
         x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
@@ -281,7 +281,8 @@ def forward(variables: dict, cfg: ModelConfig, tokens, *, cache: KVCache | None 
         kv = (cache.k[i], cache.v[i]) if cache is not None else None
         gscale = None if hooks.gate_scale is None else hooks.gate_scale[i]
         h = rms_norm(x, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
-        h, kv, gate = _attention(lp["self_attn"], h, cfg, is_global, positions, kv, length, valid, gscale)
+        h, kv, gate = _attention(lp["self_attn"], h, cfg, is_global, positions, rope, kv, length, valid,
+                                 gscale)
         if cache is not None:
             new_k.append(kv[0])
             new_v.append(kv[1])
