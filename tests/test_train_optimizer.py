@@ -97,7 +97,8 @@ def test_muon_update_of_a_4d_expert_leaf_is_per_matrix_newton_schulz():
     grads = jax.tree.map(lambda x: jnp.asarray(r.normal(size=x.shape), jnp.float32), params)
     cfg = OptimConfig(muon_lr=0.1, warmup_steps=0, decay="none", weight_decay=0.0, clip_norm=0.0)
     opt = make_optimizer(cfg, params, group_schedules(cfg, total_steps=10))
-    upd, _, lrs = jax.jit(opt.update)(grads, opt.init(params), params, 0)
+    lrs = opt.learning_rates(0)
+    upd, _ = jax.jit(opt.update)(grads, opt.init(params), params, lrs)
     for name, scale in (("gate_proj", 1.0), ("down_proj", math.sqrt(8 / 4))):
         g = np.asarray(grads["moe_layers"]["mlp"]["experts"][name])
         u = np.asarray(upd["moe_layers"]["mlp"]["experts"][name])
@@ -146,7 +147,7 @@ def test_weight_decay_on_matrices_and_embeddings_not_on_norms():
     cfg = OptimConfig(muon_lr=1e-2, adam_lr=1e-3, warmup_steps=0, decay="none")
     opt = make_optimizer(cfg, params, group_schedules(cfg, total_steps=10))
     zeros = jax.tree.map(jnp.zeros_like, params)
-    upd, _, _ = jax.jit(opt.update)(zeros, opt.init(params), params, 0)
+    upd, _ = jax.jit(opt.update)(zeros, opt.init(params), params, opt.learning_rates(0))
     np.testing.assert_allclose(upd["embed_tokens"]["embedding"], -1e-3 * 0.1, rtol=1e-5)
     np.testing.assert_allclose(upd["dense_layers"]["mlp"]["up_proj"]["kernel"],
                                -1e-2 * math.sqrt(6 / 4) * 0.1, rtol=1e-5)

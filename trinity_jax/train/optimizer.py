@@ -136,8 +136,8 @@ def scale_by_muon(ns_steps: int, beta: float, nesterov: bool = True) -> optax.Gr
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-    """``init(params) -> opt_state``; ``update(grads, opt_state, params, step)`` ->
-    ``(updates, opt_state, {'muon': lr, 'adam': lr})`` with updates already LR-scaled."""
+    """``init(params) -> opt_state``; ``learning_rates(step) -> {'muon': lr, 'adam': lr}``;
+    ``update(grads, opt_state, params, lrs) -> (updates, opt_state)`` with updates LR-scaled."""
 
     tx: optax.GradientTransformation   # clip → partition(muon | adam), LR = 1 (sign included)
     rules: Any                          # tree of ParamRule
@@ -150,12 +150,12 @@ class Optimizer:
         """``{'muon': lr, 'adam': lr}`` at ``step`` (the schedules' values, before rule scales)."""
         return {g: fn(step) for g, fn in self.schedules.items()}
 
-    def update(self, grads, opt_state, params, step):
+    def update(self, grads, opt_state, params, lrs: dict):
+        """``lrs`` = :meth:`learning_rates` of the step (computed once by the caller)."""
         updates, opt_state = self.tx.update(grads, opt_state, params)
-        lrs = self.learning_rates(step)
         updates = jax.tree.map(lambda r, u: (u * (lrs[r.group] * r.lr_scale)).astype(u.dtype),
                                self.rules, updates, is_leaf=_is_rule)
-        return updates, opt_state, lrs
+        return updates, opt_state
 
 
 def make_optimizer(optim_cfg, params: Any, schedules: dict) -> Optimizer:

@@ -125,10 +125,10 @@ def make_train_step(cfg, model: nn.Module, optimizer: Optimizer) -> Callable:
             cfg, model, state.params, state.balance, batch)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        lrs = optimizer.learning_rates(state.step)
 
         def apply(_):
-            updates, opt_state, _ = optimizer.update(grads, state.opt_state, state.params,
-                                                     state.step)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params, lrs)
             params = optax.apply_updates(state.params, updates)
             bias = expert_bias_of(state.balance)
             if bias is None:
@@ -145,7 +145,6 @@ def make_train_step(cfg, model: nn.Module, optimizer: Optimizer) -> Callable:
         # `where` per leaf cost ~90 ms of the bench model's ~140 ms AdamW update), a skipped
         # one no optimizer work.
         params, opt_state, balance, momentum = jax.lax.cond(ok, apply, skip, None)
-        lrs = optimizer.learning_rates(state.step)
         new_state = state.replace(params=params, opt_state=opt_state, balance=balance,
                                   momentum=momentum, step=state.step + 1)
         load = balance_lib.load_metrics(counts, expert_bias_of(new_state.balance))
