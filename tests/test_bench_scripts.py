@@ -39,3 +39,26 @@ def test_bench_moe_quick(tmp_path):
     assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in timed)
     dense = [r for r in timed if r["impl"].startswith("dense_mlp")]
     assert dense and all(r["ratio"] == 1.0 for r in dense)
+
+
+def test_bench_train_interleaves_rounds_and_times_only_after_warmup():
+    """bench_train's timing loop: every stepper warms up first, then each round runs one step of
+    each in turn, and only the rounds' steps are timed (so load drift hits both rows alike)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import bench_train
+    finally:
+        sys.path.pop(0)
+    calls = []
+
+    def stepper(name, seconds):
+        def step():
+            calls.append(name)
+            return seconds[len([c for c in calls if c == name]) - 1], 0.0
+        return step
+
+    times = bench_train.run_interleaved(
+        {"a": stepper("a", [9.0, 1.0, 2.0, 3.0]), "b": stepper("b", [8.0, 4.0, 5.0, 6.0])},
+        warmup=1, steps=3, log=lambda s: None)
+    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
+    assert times == {"a": [1.0, 2.0, 3.0], "b": [4.0, 5.0, 6.0]}
