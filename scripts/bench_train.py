@@ -166,24 +166,22 @@ def main() -> int:
     peaks = [measure_matmul_peak()]
     log(f"matmul peak (f32 2048³): {peaks[0] / 1e9:.1f} GFLOP/s")
     batch = make_batch()
-    steppers, infos, closers = {}, {}, []
-    for opt in args.optimizers.split(","):
-        steppers[f"ours ({opt})"], infos[f"ours ({opt})"], close = ours_stepper(batch, opt)
-        closers.append(close)
+    made = {f"ours ({opt})": ours_stepper(batch, opt) for opt in args.optimizers.split(",")}
     if not args.skip_hf:
-        steppers["hf (adamw, torch)"], infos["hf (adamw, torch)"], _ = hf_stepper(batch)
-    times = run_interleaved(steppers, args.warmup, args.steps, log)
-    for close in closers:
+        made["hf (adamw, torch)"] = hf_stepper(batch)
+    times = run_interleaved({name: m[0] for name, m in made.items()}, args.warmup, args.steps, log)
+    for _, _, close in made.values():
         close()
     peaks.append(measure_matmul_peak())
     log(f"matmul peak again at the end: {peaks[1] / 1e9:.1f} GFLOP/s")
     peak = statistics.mean(peaks)          # the MFU denominator: start and end of the run
-    fpt = infos["ours (" + args.optimizers.split(",")[0] + ")"]["flops_per_token"]
+    fpt = next(info["flops_per_token"] for name, (_, info, _) in made.items() if name.startswith("ours"))
     rows = {}
     for name, ts in times.items():
         step_s = statistics.median(ts)
-        rows[name] = {**infos[name], "step_s": step_s, "step_times_s": ts,
-                      "tokens_per_s": BATCH * SEQ / step_s, "mfu": BATCH * SEQ / step_s * fpt / peak}
+        tokens_per_s = BATCH * SEQ / step_s
+        rows[name] = {**made[name][1], "step_s": step_s, "step_times_s": ts,
+                      "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * fpt / peak}
     res = {"config": MODEL, "batch": [BATCH, SEQ], "peak_flops": peak, "peaks_flops": peaks,
            "rows": rows}
     print(f"\ntrain FLOPs/token {fpt / 1e6:.1f}M; peak {peak / 1e9:.1f} GFLOP/s (start {peaks[0] / 1e9:.1f}, "

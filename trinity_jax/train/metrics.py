@@ -33,8 +33,9 @@ def _summary_writer_class():
 
     tensorboardX's writer imports torch whenever it is installed (as it is next to the parity
     tests), only so that it can accept torch tensors; that import cost every run's start-up
-    1.7 s alone and ~4.5 s of a tiny CLI run (17.8 -> 13 s). We log Python floats, so torch is hidden from that one import when it is not
-    already loaded, and importable again right after.
+    1.7 s alone and ~4.5 s of a tiny CLI run (17.8 -> 13 s). We log Python floats, so torch
+    is hidden from that one import when it is not already loaded, and importable again right
+    after.
     """
     if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
         from tensorboardX import SummaryWriter
