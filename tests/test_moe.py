@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _hlo import dot_operand_dtypes, loop_computations, while_bodies
 
 from trinity_jax.config import model_config
 from trinity_jax.model import Transformer, init_variables
@@ -134,43 +135,17 @@ def test_full_model_impls_agree(impl):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
-def _computations(hlo: str) -> dict:
-    out, cur, buf = {}, None, []
-    for line in hlo.splitlines():
-        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$", line)
-        if m:
-            cur, buf = m.group(1), []
-        elif line == "}" and cur:
-            out[cur], cur = "\n".join(buf), None
-        elif cur:
-            buf.append(line)
-    return out
-
-
-def _while_bodies(hlo: str) -> str:
-    """The text of every while body of a compiled module and of all it calls (fusions...)."""
-    comps = _computations(hlo)
-    todo = [b for c in comps.values() for b in re.findall(r"while\(.*?body=%?([\w.\-]+)", c)]
-    seen = set()
-    while todo:
-        name = todo.pop()
-        if name in seen or name not in comps:
-            continue
-        seen.add(name)
-        todo += re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", comps[name])
-    return "\n".join(comps[n] for n in seen)
-
-
 def test_block_sparse_bf16_updates_rows_in_place_and_matches_fp32():
-    """In bf16, the block loops carry their row buffers as uint16 bits: XLA:CPU would otherwise
-    convert the whole buffer to f32 and back around every row update (the bench model's bf16
-    step: 7.8 s with the copies, 3.1 s without). The old code compiled to 12 such whole-buffer
-    converts inside the loops of this gradient; now there are none (the values are bit-identical
-    to the old code's). Values against the fp32 reference on the same bf16-rounded inputs: each
-    stored activation and cotangent is rounded to bf16 (2^-8 relative) and the weight gradients
-    sum such products over rows, so the bound is 3% of each result's largest magnitude
-    (measured: 0.8% for dx, up to 1.7% for the weight gradients); a wrong bit pattern would be
-    off by orders of magnitude."""
+    """In bf16, the block loops read and write every 16-bit buffer as uint16 bits, and every
+    product (forward and backward) is bf16 x bf16 -> f32, the only bf16 form XLA:CPU's library
+    runs. Given bf16 buffers, XLA:CPU converted the whole buffer to f32 and back around every
+    row update (12 such converts in this gradient's loops; the bench model's bf16 step: 7.8 s
+    with them, 3.1 s without), carried the read-only buffers as f32, and upcast bf16-result
+    dots and row-contracting dots to f32 dots (4-6x slower). Values against the fp32 reference
+    on the same bf16-rounded inputs: each stored activation and cotangent is rounded to bf16
+    (2^-8 relative) and the weight gradients sum such products over rows, so the bound is 3% of
+    each result's largest magnitude (measured: 0.8% for dx, up to 1.7% for the weight
+    gradients); a wrong bit pattern or transpose would be off by orders of magnitude."""
     t, d, f, e, k = 64, 16, 8, 4, 2
     x, w, logits, bias = _problem(t=t, d=d, im=f, e=e, k=k)
     x16 = x.astype(jnp.bfloat16)
@@ -184,7 +159,12 @@ def test_block_sparse_bf16_updates_rows_in_place_and_matches_fp32():
     grad = jax.jit(jax.grad(functools.partial(loss, "block_sparse"), argnums=(0, 1)))
     hlo = grad.lower(x16, w16).compile().as_text()
     whole_buffer_convert = re.compile(rf"= (?:f32|bf16)\[{rows},(?:{d}|{f})\]\S* convert\(")
-    assert not whole_buffer_convert.findall(_while_bodies(hlo))
+    loops = while_bodies(hlo)
+    assert not whole_buffer_convert.findall(loops)
+    carried = re.findall(r"= \(([^)]*)\) while\(", hlo)                  # the loops' carry types
+    assert carried and not any(re.search(rf"(?:f32|bf16)\[(?:{rows},(?:{d}|{f})|{d},{rows})\]", c) for c in carried)
+    loop_dots = dot_operand_dtypes(loop_computations(hlo))
+    assert len(loop_dots) >= 9 and set(loop_dots) == {("bf16", "bf16")}, loop_dots   # 3 forward, 6 backward
     out = get_moe_impl("block_sparse")(x16, w16, weights, experts, num_experts=e)[0]
     ref = get_moe_impl("dense_reference")(x16.astype(jnp.float32), w16, weights, experts, num_experts=e)[0]
     g, g_ref = grad(x16, w16), jax.grad(functools.partial(loss, "dense_reference"), argnums=(0, 1))(

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from trinity_jax.config import ModelConfig
 from trinity_jax.model.initializers import truncated_normal_3sigma
-from trinity_jax.model.mlp import Linear, SwiGLU
+from trinity_jax.model.mlp import Linear, SwiGLU, transposed
 from trinity_jax.parallel.expert import moe_dispatch
 
 
@@ -295,18 +295,15 @@ def _from_rows_bwd(res, g):
 from_rows.defvjp(_from_rows_fwd, _from_rows_bwd)
 
 
-def _dot_rows(a, b):
-    """a^T @ b contracting the rows, fp32 accumulation: [s, p], [s, q] -> [p, q].
-
-    a^T is materialised (the barrier stops XLA folding the transpose into the dot) so the dot
-    stays on XLA:CPU's library (YNNPACK) path; a row-contracting dot is code-generated instead.
-    """
-    return jnp.dot(jax.lax.optimization_barrier(a.T), b, preferred_element_type=jnp.float32)
-
-
 def _dot_nt(a, b):
-    """a @ b^T: [s, p], [q, p] -> [s, q]."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
+    """a @ b^T: [s, p], [q, p] -> [s, q], fp32 result (see `_dot`)."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):
+    """a @ b with an fp32 result: XLA:CPU multiplies 16-bit operands on its library path only
+    into fp32 (`mlp.f32_result_dots`); a 16-bit result made the loops' bf16 products 2-4x slower."""
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
 def _zeros_varying_like(refs, *shapes_dtypes):
@@ -340,55 +337,82 @@ def _from_bits(a, dtype):
     return a if a.dtype == jnp.dtype(dtype) else jax.lax.bitcast_convert_type(a, dtype)
 
 
+def _block(a, start, size, axis, dtype):
+    """Rows (axis 0) or columns (axis 1) [start, start + size) of carry storage `a`, as `dtype`."""
+    return _from_bits(jax.lax.dynamic_slice_in_dim(a, start, size, axis), dtype)
+
+
+# The loops read every 16-bit buffer as bits (_to_bits), not only the ones they update: given a
+# bf16 buffer, XLA:CPU moved the conversions of the loops' slices out to the whole buffer,
+# carrying it as f32 (twice the bytes, and a full f32 conversion per buffer and layer), and it
+# moved the rounding of the weights to bf16 into the loops (a conversion per block).
+
 def _block_loops_fwd(xs, wg, wu, wd, tiers, sizes):
+    """-> the row buffers (ys, hg, hu) as carry storage (see _bits_dtype)."""
     rows, d = xs.shape
     f = wg.shape[-1]
-    dt, bits = xs.dtype, _bits_dtype(xs.dtype)
+    dt, bits, f32 = xs.dtype, _bits_dtype(xs.dtype), jnp.float32
     carry = _zeros_varying_like((xs, wg, wu, wd, tiers), ((rows, d), bits), ((rows, f), bits), ((rows, f), bits))
     upd = jax.lax.dynamic_update_slice_in_dim
+    xsb = _to_bits(xs, dt)
+    wb = tuple(_to_bits(w, dt) for w in (wg, wu, wd))
     for s, (start, expert, count) in zip(sizes, tiers):
         def body(j, c, s=s, start=start, expert=expert):
             ys, hg, hu = c
             e, r = expert[j], start[j]
-            xb = jax.lax.dynamic_slice_in_dim(xs, r, s, 0)
-            g = xb @ wg[e]
-            u = xb @ wu[e]
-            yb = _swiglu_experts(g, u) @ wd[e]
+            xb = _block(xsb, r, s, 0, dt)
+            wge, wue, wde = (_from_bits(w[e], dt) for w in wb)
+            g, u = _dot(xb, wge).astype(dt), _dot(xb, wue).astype(dt)
+            yb = _dot(_swiglu_experts(g.astype(f32), u.astype(f32)).astype(dt), wde)
             return tuple(upd(buf, _to_bits(v, dt), r, 0) for buf, v in ((ys, yb), (hg, g), (hu, u)))
         carry = jax.lax.fori_loop(0, count, body, carry)
-    return tuple(_from_bits(c, dt) for c in carry)
+    return carry
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _block_swiglu(xs, wg, wu, wd, tiers, sizes):
-    """Each block of rows [s, d] of expert e -> silu(rows @ wg[e]) * (rows @ wu[e]) @ wd[e]."""
-    return _block_loops_fwd(xs, wg, wu, wd, tiers, sizes)[0]
+    """Each block of rows [s, d] of expert e -> silu(rows @ wg[e]) * (rows @ wu[e]) @ wd[e].
+
+    The products run in xs's dtype; the weights come in their master dtype, are rounded to
+    xs's once, outside the loops, and get their gradients in the master dtype."""
+    return _from_bits(_block_loops_fwd(xs, wg, wu, wd, tiers, sizes)[0], xs.dtype)
 
 
 def _block_swiglu_fwd(xs, wg, wu, wd, tiers, sizes):
     ys, hg, hu = _block_loops_fwd(xs, wg, wu, wd, tiers, sizes)
-    return ys, (xs, wg, wu, wd, tiers, hg, hu)
+    return _from_bits(ys, xs.dtype), (xs, wg, wu, wd, tiers, hg, hu)
 
 
 def _block_swiglu_bwd(sizes, res, gy):
-    xs, wg, wu, wd, tiers, hg, hu = res
-    f32 = jnp.float32
-    carry = _zeros_varying_like((xs, wg, wu, wd, tiers, hg, hu, gy), (xs.shape, _bits_dtype(xs.dtype)),
-                                (wg.shape, f32), (wu.shape, f32), (wd.shape, f32))
+    xs, wg, wu, wd, tiers, hg, hu = res                                    # hg, hu: carry storage
+    dt, f32 = xs.dtype, jnp.float32
+    # The weight gradients contract the rows. XLA:CPU's library runs a dot only with the
+    # contraction on the lhs's last axis (else: code-generated, and for bf16 upcast to f32,
+    # 4-6x slower), so xs and gy are transposed once, outside the loops, and each block's
+    # dWg, dWu = xbᵀ dg, xbᵀ du and dWdᵀ = dyᵀ h are [.., s] @ [s, ..] products of slices.
+    gyb = _to_bits(gy, dt)
+    xst, gyt = transposed(_to_bits(xs, dt)), transposed(gyb)               # [d, R]
+    carry = _zeros_varying_like((xs, wg, wu, wd, tiers, hg, hu, gy), (xs.shape, _bits_dtype(dt)),
+                                (wg.shape, f32), (wu.shape, f32), (wd.shape[:1] + wd.shape[:0:-1], f32))
+    wb = tuple(_to_bits(w, dt) for w in (wg, wu, wd))
     for s, (start, expert, count) in zip(sizes, tiers):
         def body(j, c, s=s, start=start, expert=expert):
-            dxs, dwg, dwu, dwd = c
+            dxs, dwg, dwu, dwdt = c
             e, r = expert[j], start[j]
-            xb, g, u, dy = (jax.lax.dynamic_slice_in_dim(a, r, s, 0) for a in (xs, hg, hu, gy))
-            h, swiglu_vjp = jax.vjp(_swiglu_experts, g, u)
-            dg, du = swiglu_vjp(_dot_nt(dy, wd[e]))                           # [s, f] each
-            dxb = _dot_nt(dg, wg[e]) + _dot_nt(du, wu[e])
-            dwg = dwg.at[e].add(_dot_rows(xb, dg))
-            dwu = dwu.at[e].add(_dot_rows(xb, du))
-            dwd = dwd.at[e].add(_dot_rows(h, dy))
-            return jax.lax.dynamic_update_slice_in_dim(dxs, _to_bits(dxb, xs.dtype), r, 0), dwg, dwu, dwd
+            wge, wue, wde = (_from_bits(w[e], dt) for w in wb)
+            g, u, dy = (_block(a, r, s, 0, dt) for a in (hg, hu, gyb))         # [s, ..]
+            xbt, dyt = (_block(a, r, s, 1, dt) for a in (xst, gyt))            # [d, s]
+            # the SwiGLU in fp32 from the stored (compute-dtype) g, u, as in the forward
+            h, swiglu_vjp = jax.vjp(_swiglu_experts, g.astype(f32), u.astype(f32))
+            dg, du = (t.astype(dt) for t in swiglu_vjp(_dot_nt(dy, wde)))     # [s, f] each
+            dxb = _dot_nt(dg, wge) + _dot_nt(du, wue)
+            dwg = dwg.at[e].add(_dot(xbt, dg))
+            dwu = dwu.at[e].add(_dot(xbt, du))
+            dwdt = dwdt.at[e].add(_dot(dyt, h.astype(dt)))                     # [d, f]
+            return jax.lax.dynamic_update_slice_in_dim(dxs, _to_bits(dxb, dt), r, 0), dwg, dwu, dwdt
         carry = jax.lax.fori_loop(0, count, body, carry)
-    carry = (_from_bits(carry[0], xs.dtype), *carry[1:])
+    dxs, dwg, dwu, dwdt = carry
+    carry = (_from_bits(dxs, dt), dwg, dwu, jnp.swapaxes(dwdt, 1, 2))
     grads = tuple(_like_primal(ct.astype(p.dtype), p) for ct, p in zip(carry, (xs, wg, wu, wd)))
     return (*grads, tuple((None, None, None) for _ in tiers))
 
@@ -412,7 +436,7 @@ def moe_block_sparse(x, w: ExpertWeights, weights, experts, *, num_experts, capa
     plan = block_plan(experts, num_experts, block_rows, pad_rows)
     dt = x.dtype
     xs = to_rows(x, plan.dest, plan.src, k)                               # [R, d]
-    ys = _block_swiglu(xs, w.gate.astype(dt), w.up.astype(dt), w.down.astype(dt), plan.tiers, plan.sizes)
+    ys = _block_swiglu(xs, w.gate, w.up, w.down, plan.tiers, plan.sizes)
     return _combine(from_rows(ys, plan.dest, plan.src), weights), dropped
 
 

@@ -24,6 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from trinity_jax.model.mlp import dot_rows
+
 __all__ = ["LossSums", "chunked_cross_entropy", "cross_entropy_reference", "combine_losses"]
 
 
@@ -79,7 +81,7 @@ def _chunk_sums(h, kernel, targets, mask, z_loss_weight, with_grad: bool):
     onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
     dlogits = (row * e - jnp.where(onehot, mask[..., None], 0.0)).astype(h.dtype)
     dh = jnp.einsum("tv,dv->td", dlogits, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
-    dkernel = jnp.einsum("td,tv->dv", h, dlogits, preferred_element_type=jnp.float32)
+    dkernel = dot_rows(h, dlogits)
     return sums, dh.reshape(b, c, d), dkernel
 
 

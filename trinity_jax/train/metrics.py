@@ -117,9 +117,12 @@ def flops_per_token(model_cfg, seq_len: int, params: Any = None) -> float:
 
 
 def measure_matmul_peak(n: int = 2048, repeats: int = 3, dtype=jnp.float32) -> float:
-    """Achieved FLOP/s of an n³ matmul on the default device (best of ``repeats``)."""
+    """Achieved FLOP/s of an n³ matmul in `dtype` on the default device (best of ``repeats``).
+
+    The product accumulates into an fp32 result, as the model's do: XLA:CPU runs a bf16 product
+    with a bf16 result ~5x slower (upcast to an f32 dot), which would understate the peak."""
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     f(a, a).block_until_ready()
     best = math.inf
     for _ in range(repeats):
