@@ -67,3 +67,31 @@ def test_bf16_cross_entropy_gradient_runs_only_bf16_products():
     dots = dot_operand_dtypes(computations(grad.lower(h, kernel).compile().as_text()))
     assert len(dots) >= 3 and set(dots) == {("bf16", "bf16")}, dots
     np.testing.assert_allclose(float(loss(h, kernel)), float(loss(h.astype(jnp.float32), kernel)), rtol=1e-3)
+
+
+@pytest.mark.parametrize("is_global", [False, True])
+def test_bf16_attention_gradient_runs_only_bf16_products_and_matches_fp32(is_global):
+    """Local (blocks of the window) and global (causal query blocks) attention in bf16: every
+    product of the gradient is (bf16, bf16), dV and dK included (computed as dOᵀP and Qᵀ dS
+    on transposed [r, dh] operands, so no score-sized array is transposed). Against the f32
+    computation on the same bf16-rounded q, k, v: the probabilities and dS are rounded to bf16
+    before their products, so 3% of each gradient's largest magnitude bounds the difference."""
+    from trinity_jax.model.attention import self_attention
+    r = np.random.default_rng(2)
+    b, s, hq, hkv, dh = 2, 64, 4, 2, 16
+    q, k, v, ct = (jnp.asarray(r.standard_normal(sh), jnp.bfloat16)
+                   for sh in [(b, s, hq, dh), (b, s, hkv, dh), (b, s, hkv, dh), (b, s, hq, dh)])
+    seg = jnp.ones((b, s), jnp.int32)
+
+    def loss(q, k, v):
+        out = self_attention(q, k, v, seg, jnp.bool_(is_global), 16, "local_blocks")
+        return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    dots = dot_operand_dtypes(computations(grad.lower(q, k, v).compile().as_text()))
+    assert len(dots) >= 5 and set(dots) == {("bf16", "bf16")}, dots
+    got = grad(q, k, v)
+    want = jax.grad(loss, argnums=(0, 1, 2))(*(a.astype(jnp.float32) for a in (q, k, v)))
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        assert np.max(np.abs(np.asarray(g, np.float32) - w)) <= 3e-2 * np.max(np.abs(w))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from trinity_jax.config import ModelConfig
-from trinity_jax.model.mlp import Linear
+from trinity_jax.model.mlp import Linear, f32_result_dots, transposed
 from trinity_jax.model.norms import RMSNorm
 
 _NEG_INF = -1e30
@@ -120,8 +120,27 @@ def _probs(q, k, mask, lse=None):
     return jnp.exp(scores - lse[..., None])
 
 
-@jax.custom_vjp
 def _attention(q, k, v, mask):
+    """Masked softmax attention of q [..., r, dh] on k, v [..., s, dh] -> (out, lse); see
+    `_attention_core`. In 16-bit on XLA:CPU q, k and v are first made arrays of their own:
+    they arrive with their heads moved before the rows (and the causal blocks' last key range
+    is all of k), and XLA folds such a transpose into the products, which then contract a
+    non-minor axis and are upcast to f32 dots."""
+    if f32_result_dots(q.dtype):
+        q, k, v = (_own_layout(a) for a in (q, k, v))
+    return _attention_core(q, k, v, mask)
+
+
+def _own_layout(a):
+    """a, copied into its own row-major buffer that XLA does not fold into its consumers."""
+    *lead, r, dh = a.shape
+    if r % 2:
+        return a
+    return jax.lax.optimization_barrier(a.reshape(*lead, r // 2, 2, dh)).reshape(a.shape)
+
+
+@jax.custom_vjp
+def _attention_core(q, k, v, mask):
     e, l, lse = _probs(q, k, mask)
     # normalise the [.., t·g, dh] output rather than the [.., t·g, s] probabilities: one pass less
     out = jnp.einsum("...rs,...sd->...rd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -129,7 +148,7 @@ def _attention(q, k, v, mask):
 
 
 def _attention_fwd(q, k, v, mask):
-    out, lse = _attention(q, k, v, mask)
+    out, lse = _attention_core(q, k, v, mask)
     return (out, lse), (q, k, v, mask, out, lse)
 
 
@@ -139,16 +158,24 @@ def _attention_bwd(res, cts):
     dh = q.shape[-1]
     f32 = jnp.float32
     probs = _probs(q, k, mask, lse)
-    dv = jnp.einsum("...rs,...rd->...sd", probs.astype(v.dtype), dout, preferred_element_type=f32)
     dp = jnp.einsum("...rd,...sd->...rs", dout, v, preferred_element_type=f32)
     delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
     ds = (probs * (dp - delta) * (dh ** -0.5)).astype(q.dtype)
     dq = jnp.einsum("...rs,...sd->...rd", ds, k, preferred_element_type=f32)
-    dk = jnp.einsum("...rs,...rd->...sd", ds, q, preferred_element_type=f32)
+    p = probs.astype(v.dtype)
+    if f32_result_dots(q.dtype):
+        # dV = Pᵀ dO and dK = dSᵀ Q contract the rows, which XLA:CPU upcasts to f32 dots in
+        # bf16; as dVᵀ = dOᵀ P and dKᵀ = Qᵀ dS only [.., r | s, dh]-sized arrays are transposed
+        # (through `transposed` both ways: XLA folds a plain transpose of the result back too).
+        dv, dk = (transposed(jnp.einsum("...dr,...rs->...ds", transposed(a), b, preferred_element_type=f32))
+                  for a, b in ((dout, p), (q, ds)))
+    else:
+        dv = jnp.einsum("...rs,...rd->...sd", p, dout, preferred_element_type=f32)
+        dk = jnp.einsum("...rs,...rd->...sd", ds, q, preferred_element_type=f32)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention_core.defvjp(_attention_fwd, _attention_bwd)
 
 
 def local_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,

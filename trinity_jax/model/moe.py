@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from trinity_jax.config import ModelConfig
 from trinity_jax.model.initializers import truncated_normal_3sigma
-from trinity_jax.model.mlp import Linear, SwiGLU, transposed
+from trinity_jax.model.mlp import Linear, SwiGLU, dot_rows, f32_result_dots, transposed
 from trinity_jax.parallel.expert import moe_dispatch
 
 
@@ -386,33 +386,41 @@ def _block_swiglu_fwd(xs, wg, wu, wd, tiers, sizes):
 def _block_swiglu_bwd(sizes, res, gy):
     xs, wg, wu, wd, tiers, hg, hu = res                                    # hg, hu: carry storage
     dt, f32 = xs.dtype, jnp.float32
-    # The weight gradients contract the rows. XLA:CPU's library runs a dot only with the
-    # contraction on the lhs's last axis (else: code-generated, and for bf16 upcast to f32,
-    # 4-6x slower), so xs and gy are transposed once, outside the loops, and each block's
-    # dWg, dWu = xbᵀ dg, xbᵀ du and dWdᵀ = dyᵀ h are [.., s] @ [s, ..] products of slices.
-    gyb = _to_bits(gy, dt)
-    xst, gyt = transposed(_to_bits(xs, dt)), transposed(gyb)               # [d, R]
+    # The weight gradients contract the rows. In 16-bit on XLA:CPU a row-contracting dot is
+    # upcast to an f32 dot (4-6x slower), so xs and gy are transposed once, outside the loops
+    # (as floats: XLA:CPU transposes uint16 ~8x slower than bf16), and each block's dWg, dWu =
+    # xbᵀ dg, xbᵀ du and dWdᵀ = dyᵀ h are [.., s] @ [s, ..] products of slices. In f32 the
+    # per-block transposes of `dot_rows` were as fast and the up-front ones cost ~10 ms a layer.
+    pre = f32_result_dots(dt)
+    xsb, gyb = _to_bits(xs, dt), _to_bits(gy, dt)
+    if pre:
+        xst, gyt = (_to_bits(transposed(a), dt) for a in (xs, gy.astype(dt)))   # [d, R]
+    dwd_shape = wd.shape[:1] + wd.shape[:0:-1] if pre else wd.shape
     carry = _zeros_varying_like((xs, wg, wu, wd, tiers, hg, hu, gy), (xs.shape, _bits_dtype(dt)),
-                                (wg.shape, f32), (wu.shape, f32), (wd.shape[:1] + wd.shape[:0:-1], f32))
+                                (wg.shape, f32), (wu.shape, f32), (dwd_shape, f32))
     wb = tuple(_to_bits(w, dt) for w in (wg, wu, wd))
     for s, (start, expert, count) in zip(sizes, tiers):
         def body(j, c, s=s, start=start, expert=expert):
-            dxs, dwg, dwu, dwdt = c
+            dxs, dwg, dwu, dwd = c
             e, r = expert[j], start[j]
             wge, wue, wde = (_from_bits(w[e], dt) for w in wb)
             g, u, dy = (_block(a, r, s, 0, dt) for a in (hg, hu, gyb))         # [s, ..]
-            xbt, dyt = (_block(a, r, s, 1, dt) for a in (xst, gyt))            # [d, s]
             # the SwiGLU in fp32 from the stored (compute-dtype) g, u, as in the forward
             h, swiglu_vjp = jax.vjp(_swiglu_experts, g.astype(f32), u.astype(f32))
+            h = h.astype(dt)
             dg, du = (t.astype(dt) for t in swiglu_vjp(_dot_nt(dy, wde)))     # [s, f] each
             dxb = _dot_nt(dg, wge) + _dot_nt(du, wue)
-            dwg = dwg.at[e].add(_dot(xbt, dg))
-            dwu = dwu.at[e].add(_dot(xbt, du))
-            dwdt = dwdt.at[e].add(_dot(dyt, h.astype(dt)))                     # [d, f]
-            return jax.lax.dynamic_update_slice_in_dim(dxs, _to_bits(dxb, dt), r, 0), dwg, dwu, dwdt
+            if pre:
+                xbt, dyt = (_block(a, r, s, 1, dt) for a in (xst, gyt))        # [d, s]
+                dw = _dot(xbt, dg), _dot(xbt, du), _dot(dyt, h)                 # dWd as [d, f]
+            else:
+                xb = _block(xsb, r, s, 0, dt)
+                dw = dot_rows(xb, dg), dot_rows(xb, du), dot_rows(h, dy)
+            dwg, dwu, dwd = (acc.at[e].add(v) for acc, v in zip((dwg, dwu, dwd), dw))
+            return jax.lax.dynamic_update_slice_in_dim(dxs, _to_bits(dxb, dt), r, 0), dwg, dwu, dwd
         carry = jax.lax.fori_loop(0, count, body, carry)
-    dxs, dwg, dwu, dwdt = carry
-    carry = (_from_bits(dxs, dt), dwg, dwu, jnp.swapaxes(dwdt, 1, 2))
+    dxs, dwg, dwu, dwd = carry
+    carry = (_from_bits(dxs, dt), dwg, dwu, jnp.swapaxes(dwd, 1, 2) if pre else dwd)
     grads = tuple(_like_primal(ct.astype(p.dtype), p) for ct, p in zip(carry, (xs, wg, wu, wd)))
     return (*grads, tuple((None, None, None) for _ in tiers))
 
