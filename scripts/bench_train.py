@@ -1,18 +1,21 @@
 """Train-step throughput on CPU: our jitted step vs transformers' AfmoeForCausalLM (torch).
 
-    .venv/bin/python scripts/bench_train.py [--steps 5] [--warmup 2] [--skip-hf] [--out FILE.json]
+    .venv/bin/python scripts/bench_train.py [--steps 5] [--warmup 2] [--skip-hf]
+        [--dtypes float32,bfloat16] [--optimizers adamw,muon] [--out FILE.json]
 
 Same run, same config (d=256, 8 layers (1 dense), 64 experts top-4 + 1 shared, vocab 8192),
 same batch (8 × 512 tokens, one document per row) and optimizer: ours is the full Trinity
 step (chunked CE + z-loss, balance loss, SMEBU, clipping) with every parameter on AdamW
 (``optim.hidden_optimizer=adamw``, like-for-like) and, as a second row, with the recipe's
-Muon; HF's is ``torch.optim.AdamW`` on the CE of ``model(input_ids).logits``. After
-``--warmup`` (compile) steps of each, ``--steps`` rounds run one step of each in turn, so a
-drift in the shared machine's load hits every row of a round alike. Reports per row the median
-step: tokens/s and MFU = tokens/s × train FLOPs/token / the f32 2048³ matmul peak (the mean
-of a measurement at the start and one at the end of the run); and the ratio to HF, both of the
-medians and as the median of the per-round ratios. Target: ours ≥ 2× HF tokens/s and MFU ≥ 40%.
-Run it alone (no other heavy jobs): it uses every core.
+Muon; HF's is ``torch.optim.AdamW`` on the CE of ``model(input_ids).logits``. Each compute
+dtype gets its rows: fp32 throughout, and bf16 compute on fp32 master weights (ours:
+``model.dtype=bfloat16``; HF: the forward and loss under ``torch.autocast("cpu", bfloat16)``).
+After ``--warmup`` (compile) steps of each, ``--steps`` rounds run one step of each row in
+turn, so a drift in the shared machine's load hits every row of a round alike. Reports per row
+the median step: tokens/s and MFU = tokens/s × train FLOPs/token / the 2048³ matmul peak of
+the row's dtype (the mean of a measurement at the start and one at the end of the run); and
+the ratio to HF in the same dtype, both of the medians and as the median of the per-round
+ratios. Target: ours ≥ 2× HF tokens/s and MFU ≥ 40%. Run it alone: it uses every core.
 """
 from __future__ import annotations
 
@@ -67,16 +70,16 @@ class _FixedBatch:
         return []
 
 
-def ours_stepper(batch, hidden_optimizer: str):
+def ours_stepper(batch, hidden_optimizer: str, dtype: str = "float32"):
     """Our jitted train step on `batch` -> (step() -> (seconds, loss), info dict, close())."""
     import jax
     from trinity_jax.config import from_config_dict
     from trinity_jax.parallel import rules
     from trinity_jax.train import loop
 
-    cfg = from_config_dict({"model": MODEL, "train": dict(
+    cfg = from_config_dict({"model": {**MODEL, "dtype": dtype}, "train": dict(
         batch_size=BATCH, seq_len=SEQ, steps=10 ** 6, peak_flops=1.0),
-        "optim": dict(warmup_steps=10, hidden_optimizer=hidden_optimizer)})
+        "optim": dict(warmup_steps=10, hidden_optimizer=hidden_optimizer, ns_dtype=dtype)})
     wd = tempfile.TemporaryDirectory()
     run = loop.setup(cfg, wd.name, data=_FixedBatch(batch), log=lambda *a: None)
     dev_batch = run.to_device(batch)
@@ -95,8 +98,11 @@ def ours_stepper(batch, hidden_optimizer: str):
     return step, {"flops_per_token": run.flops_per_token, "devices": jax.device_count()}, close
 
 
-def hf_stepper(batch):
-    """transformers' AfmoeForCausalLM + torch AdamW on `batch`, same interface as ours_stepper."""
+def hf_stepper(batch, dtype: str = "float32"):
+    """transformers' AfmoeForCausalLM + torch AdamW on `batch`, same interface as ours_stepper;
+    bfloat16: the forward and the loss under CPU autocast (fp32 weights and optimizer)."""
+    import contextlib
+
     import torch
     from transformers import AfmoeConfig, AfmoeForCausalLM
 
@@ -118,11 +124,15 @@ def hf_stepper(batch):
     ids = torch.from_numpy(batch["inputs"].astype(np.int64))
     labels = torch.from_numpy(batch["targets"].astype(np.int64))
 
+    autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16"
+                else contextlib.nullcontext)
+
     def step():
         t = time.perf_counter()
-        logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                 labels.reshape(-1))
+        with autocast():
+            logits = model(input_ids=ids).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                     labels.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -148,6 +158,9 @@ def run_interleaved(steppers: dict, warmup: int, steps: int, log) -> dict[str, l
     return times
 
 
+SHORT = {"float32": "f32", "bfloat16": "bf16"}
+
+
 def main() -> int:
     from trinity_jax.malloc_env import reexec_with_hugepages
     reexec_with_hugepages()     # both sides of the comparison run under it (one process)
@@ -155,50 +168,69 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="compute dtypes, each with its own rows: float32 and/or bfloat16")
     ap.add_argument("--optimizers", default="adamw,muon",
                     help="our step with every matrix on AdamW (like-for-like with HF) and/or Muon")
     ap.add_argument("--out", default="")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
+    dtypes, optimizers = args.dtypes.split(","), args.optimizers.split(",")
+    for name, values, allowed in (("--dtypes", dtypes, SHORT), ("--optimizers", optimizers, ("adamw", "muon"))):
+        if not values or any(v not in allowed for v in values):
+            ap.error(f"{name}={','.join(values)}: allowed values are {', '.join(allowed)}")
     log = (lambda *a: None) if args.quiet else (lambda s: print(s, flush=True))
 
+    import jax.numpy as jnp
+
     from trinity_jax.train.metrics import measure_matmul_peak
-    peaks = [measure_matmul_peak()]
-    log(f"matmul peak (f32 2048³): {peaks[0] / 1e9:.1f} GFLOP/s")
+
+    def peaks_now():
+        return {dt: measure_matmul_peak(dtype=jnp.dtype(dt)) for dt in dtypes}
+
+    peaks = [peaks_now()]
+    log("matmul peaks (2048³): " + ", ".join(f"{SHORT[dt]} {p / 1e9:.1f} GFLOP/s" for dt, p in peaks[0].items()))
     batch = make_batch()
-    made = {f"ours ({opt})": ours_stepper(batch, opt) for opt in args.optimizers.split(",")}
-    if not args.skip_hf:
-        made["hf (adamw, torch)"] = hf_stepper(batch)
+    made, dtype_of, hf_of = {}, {}, {}
+    for dt in dtypes:
+        for opt in optimizers:
+            name = f"ours {SHORT[dt]} ({opt})"
+            made[name], dtype_of[name] = ours_stepper(batch, opt, dt), dt
+        if not args.skip_hf:
+            name = hf_of[dt] = f"hf {SHORT[dt]} (adamw, torch)"
+            made[name], dtype_of[name] = hf_stepper(batch, dt), dt
     times = run_interleaved({name: m[0] for name, m in made.items()}, args.warmup, args.steps, log)
     for _, _, close in made.values():
         close()
-    peaks.append(measure_matmul_peak())
-    log(f"matmul peak again at the end: {peaks[1] / 1e9:.1f} GFLOP/s")
-    peak = statistics.mean(peaks)          # the MFU denominator: start and end of the run
+    peaks.append(peaks_now())
+    peak = {dt: statistics.mean(p[dt] for p in peaks) for dt in dtypes}   # MFU denominators
     fpt = next(info["flops_per_token"] for name, (_, info, _) in made.items() if name.startswith("ours"))
     rows = {}
     for name, ts in times.items():
         step_s = statistics.median(ts)
         tokens_per_s = BATCH * SEQ / step_s
-        rows[name] = {**made[name][1], "step_s": step_s, "step_times_s": ts,
-                      "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * fpt / peak}
+        rows[name] = {**made[name][1], "dtype": dtype_of[name], "step_s": step_s, "step_times_s": ts,
+                      "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * fpt / peak[dtype_of[name]]}
     res = {"config": MODEL, "batch": [BATCH, SEQ], "peak_flops": peak, "peaks_flops": peaks,
            "rows": rows}
-    print(f"\ntrain FLOPs/token {fpt / 1e6:.1f}M; peak {peak / 1e9:.1f} GFLOP/s (start {peaks[0] / 1e9:.1f}, "
-          f"end {peaks[1] / 1e9:.1f}); median of {args.steps} interleaved rounds after {args.warmup} warm-up")
-    print(f"{'':22}{'step s':>9}{'tokens/s':>11}{'MFU':>8}")
+    print(f"\ntrain FLOPs/token {fpt / 1e6:.1f}M; median of {args.steps} interleaved rounds after "
+          f"{args.warmup} warm-up; MFU of each dtype's 2048³ matmul peak (mean of start and end):")
+    for dt in dtypes:
+        print(f"  {SHORT[dt]} peak {peak[dt] / 1e9:.1f} GFLOP/s (start {peaks[0][dt] / 1e9:.1f}, "
+              f"end {peaks[1][dt] / 1e9:.1f})")
+    print(f"{'':26}{'step s':>9}{'tokens/s':>11}{'MFU':>8}")
     for name, r in rows.items():
-        print(f"{name:22}{r['step_s']:9.3f}{r['tokens_per_s']:11,.0f}{r['mfu']:8.1%}")
-    hf = rows.get("hf (adamw, torch)")
-    if hf is not None:
-        for name, r in rows.items():
-            if name.startswith("ours"):
-                # per round: HF's step time / ours in the same round, then the median over rounds
-                paired = statistics.median(h / o for h, o in zip(hf["step_times_s"], r["step_times_s"]))
-                r["ratio_vs_hf"], r["ratio_vs_hf_paired"] = r["tokens_per_s"] / hf["tokens_per_s"], paired
-                print(f"ratio {name} / hf tokens/s: {r['ratio_vs_hf']:.2f}× "
-                      f"(median of per-round ratios {paired:.2f}×)")
-        print("targets: ours (adamw, like-for-like) ≥ 2× hf; MFU ≥ 40%")
+        print(f"{name:26}{r['step_s']:9.3f}{r['tokens_per_s']:11,.0f}{r['mfu']:8.1%}")
+    for name, r in rows.items():
+        hf = rows.get(hf_of.get(r["dtype"], ""))
+        if name.startswith("ours") and hf is not None:
+            # per round: HF's step time / ours in the same round, then the median over rounds
+            paired = statistics.median(h / o for h, o in zip(hf["step_times_s"], r["step_times_s"]))
+            r["ratio_vs_hf"], r["ratio_vs_hf_paired"] = r["tokens_per_s"] / hf["tokens_per_s"], paired
+            print(f"ratio {name} / {hf_of[r['dtype']]} tokens/s: {r['ratio_vs_hf']:.2f}× "
+                  f"(median of per-round ratios {paired:.2f}×)")
+    if hf_of:
+        print("targets: ours (adamw, like-for-like) ≥ 2× hf in the same dtype; MFU ≥ 40%")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)

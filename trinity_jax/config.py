@@ -174,6 +174,7 @@ class OptimConfig:
     muon_momentum: float = 0.95
     nesterov: bool = True
     ns_steps: int = 5
+    ns_dtype: str = "float32"          # float32 | bfloat16: operands of the Newton–Schulz products (f32 results)
     adam_b1: float = 0.9
     adam_b2: float = 0.95
     adam_eps: float = 1e-8
@@ -189,6 +190,7 @@ class OptimConfig:
     def validate(self) -> None:
         _choice(self, "optim", "decay", ("linear_to_zero", "cosine_to_fraction", "none"))
         _choice(self, "optim", "hidden_optimizer", ("muon", "adamw"))
+        _choice(self, "optim", "ns_dtype", ("float32", "bfloat16"))
         for name in ("muon_lr", "adam_lr", "weight_decay", "clip_norm", "adam_eps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"optim.{name}={getattr(self, name)}: must be >= 0")
