@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from trinity_jax.config import ModelConfig
-from trinity_jax.model.mlp import Linear, f32_result_dots, transposed
+from trinity_jax.model.mlp import Linear, f32_result_dots, own_buffer, transposed
 from trinity_jax.model.norms import RMSNorm
 
 _NEG_INF = -1e30
@@ -122,21 +122,13 @@ def _probs(q, k, mask, lse=None):
 
 def _attention(q, k, v, mask):
     """Masked softmax attention of q [..., r, dh] on k, v [..., s, dh] -> (out, lse); see
-    `_attention_core`. In 16-bit on XLA:CPU q, k and v are first made arrays of their own:
+    `_attention_core`. In 16-bit on XLA:CPU q, k and v first get buffers of their own:
     they arrive with their heads moved before the rows (and the causal blocks' last key range
     is all of k), and XLA folds such a transpose into the products, which then contract a
     non-minor axis and are upcast to f32 dots."""
     if f32_result_dots(q.dtype):
-        q, k, v = (_own_layout(a) for a in (q, k, v))
+        q, k, v = (own_buffer(a) for a in (q, k, v))
     return _attention_core(q, k, v, mask)
-
-
-def _own_layout(a):
-    """a, copied into its own row-major buffer that XLA does not fold into its consumers."""
-    *lead, r, dh = a.shape
-    if r % 2:
-        return a
-    return jax.lax.optimization_barrier(a.reshape(*lead, r // 2, 2, dh)).reshape(a.shape)
 
 
 @jax.custom_vjp

@@ -69,20 +69,25 @@ def _matmul16_bwd(res, g):
 _matmul16.defvjp(_matmul16_fwd, _matmul16_bwd)
 
 
-def transposed(a: jax.Array) -> jax.Array:
-    """a [..., t, p] -> [..., p, t] (the last two axes swapped), materialised in row-major order.
+def own_buffer(a: jax.Array) -> jax.Array:
+    """a, as a row-major array of its own that XLA:CPU does not fold into the dots reading it.
 
-    XLA:CPU folds a plain transpose into the dot that consumes it, even across an
-    `optimization_barrier`, giving a dot that contracts its lhs's rows: its library (YNNPACK)
-    does not run those, so they are code-generated, and for bf16 upcast to f32 first (95-146
-    GFLOP/s on this box). Seen through a [p, t/2, 2] view behind the barrier, the transpose is
-    not folded back, and the dot on the copy runs at 240-475 GFLOP/s (see `dot_rows`).
-    """
-    *lead, t, p = a.shape
-    at = jnp.swapaxes(jax.lax.optimization_barrier(a), -1, -2)
-    if t % 2:
-        return jax.lax.optimization_barrier(at)
-    return jax.lax.optimization_barrier(at.reshape(*lead, p, t // 2, 2)).reshape(*lead, p, t)
+    XLA folds layout changes (transposes, moved axes) into the dot that consumes them, even
+    across an `optimization_barrier`; a 16-bit dot whose contraction is then not on the lhs's
+    last axis is upcast to an f32 dot on XLA:CPU (95-160 against 460-650 GFLOP/s here). Seen
+    through a [..., n/2, 2] split of the last axis behind a barrier, the value is copied once
+    into its own buffer instead. Odd last axes are returned as they are."""
+    *lead, n = a.shape
+    if n % 2:
+        return a
+    return jax.lax.optimization_barrier(a.reshape(*lead, n // 2, 2)).reshape(a.shape)
+
+
+def transposed(a: jax.Array) -> jax.Array:
+    """a [..., t, p] -> [..., p, t] (the last two axes swapped), in a buffer of its own
+    (`own_buffer`). The barrier before the swap also keeps it out of the dot that produced
+    `a`: folded there, it gave a bf16 dot that XLA:CPU cannot run (DotThunk BF16 x BF16 = F32)."""
+    return own_buffer(jnp.swapaxes(jax.lax.optimization_barrier(a), -1, -2))
 
 
 def dot_rows(a: jax.Array, b: jax.Array) -> jax.Array:
