@@ -145,3 +145,16 @@ def test_metrics_writer_does_not_import_torch(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "0.0"
     assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+
+
+def test_mfu_peak_is_measured_in_the_model_compute_dtype(monkeypatch, tmp_path):
+    """MFU's denominator is a matmul in the model's compute dtype: a bf16 model measured
+    against the f32 peak would report ~4x its MFU on this CPU (bf16 AMX products)."""
+    from trinity_jax.train import metrics
+    seen = []
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda dtype: seen.append(dtype) or 1e12)
+    cfg = from_config_dict({**TINY, "model": {**TINY["model"], "dtype": "bfloat16"}})
+    lines = []
+    loop.setup(cfg, str(tmp_path), data=SyntheticData(64, 32, steps=STEPS), log=lines.append).writer.close()
+    assert [jax.numpy.dtype(d).name for d in seen] == ["bfloat16"]
+    assert any("measured bfloat16 2048³ matmul" in line for line in lines), lines
