@@ -392,9 +392,11 @@ def _block_swiglu_bwd(sizes, res, gy):
     # xbᵀ dg, xbᵀ du and dWdᵀ = dyᵀ h are [.., s] @ [s, ..] products of slices. In f32 the
     # per-block transposes of `dot_rows` were as fast and the up-front ones cost ~10 ms a layer.
     pre = f32_result_dots(dt)
-    xsb, gyb = _to_bits(xs, dt), _to_bits(gy, dt)
+    gyb = _to_bits(gy, dt)
     if pre:
-        xst, gyt = (_to_bits(transposed(a), dt) for a in (xs, gy.astype(dt)))   # [d, R]
+        xst, gyt = (_to_bits(transposed(a), dt) for a in (xs, gy))        # [d, R]
+    else:
+        xsb = _to_bits(xs, dt)
     dwd_shape = wd.shape[:1] + wd.shape[:0:-1] if pre else wd.shape
     carry = _zeros_varying_like((xs, wg, wu, wd, tiers, hg, hu, gy), (xs.shape, _bits_dtype(dt)),
                                 (wg.shape, f32), (wu.shape, f32), (dwd_shape, f32))
