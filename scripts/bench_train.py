@@ -95,7 +95,7 @@ def ours_stepper(batch, hidden_optimizer: str, dtype: str = "float32"):
         run.writer.close()
         wd.cleanup()
 
-    return step, {"flops_per_token": run.flops_per_token, "devices": jax.device_count()}, close
+    return step, {"dtype": dtype, "flops_per_token": run.flops_per_token, "devices": jax.device_count()}, close
 
 
 def hf_stepper(batch, dtype: str = "float32"):
@@ -139,7 +139,7 @@ def hf_stepper(batch, dtype: str = "float32"):
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t, loss.item()
 
-    return step, {"threads": torch.get_num_threads()}, lambda: None
+    return step, {"dtype": dtype, "threads": torch.get_num_threads()}, lambda: None
 
 
 def run_interleaved(steppers: dict, warmup: int, steps: int, log) -> dict[str, list[float]]:
@@ -181,24 +181,21 @@ def main() -> int:
             ap.error(f"{name}={','.join(values)}: allowed values are {', '.join(allowed)}")
     log = (lambda *a: None) if args.quiet else (lambda s: print(s, flush=True))
 
-    import jax.numpy as jnp
-
     from trinity_jax.train.metrics import measure_matmul_peak
 
     def peaks_now():
-        return {dt: measure_matmul_peak(dtype=jnp.dtype(dt)) for dt in dtypes}
+        return {dt: measure_matmul_peak(dtype=dt) for dt in dtypes}
 
     peaks = [peaks_now()]
     log("matmul peaks (2048³): " + ", ".join(f"{SHORT[dt]} {p / 1e9:.1f} GFLOP/s" for dt, p in peaks[0].items()))
     batch = make_batch()
-    made, dtype_of, hf_of = {}, {}, {}
+    made, hf_of = {}, {}
     for dt in dtypes:
         for opt in optimizers:
-            name = f"ours {SHORT[dt]} ({opt})"
-            made[name], dtype_of[name] = ours_stepper(batch, opt, dt), dt
+            made[f"ours {SHORT[dt]} ({opt})"] = ours_stepper(batch, opt, dt)
         if not args.skip_hf:
-            name = hf_of[dt] = f"hf {SHORT[dt]} (adamw, torch)"
-            made[name], dtype_of[name] = hf_stepper(batch, dt), dt
+            hf_of[dt] = f"hf {SHORT[dt]} (adamw, torch)"
+            made[hf_of[dt]] = hf_stepper(batch, dt)
     times = run_interleaved({name: m[0] for name, m in made.items()}, args.warmup, args.steps, log)
     for _, _, close in made.values():
         close()
@@ -209,8 +206,9 @@ def main() -> int:
     for name, ts in times.items():
         step_s = statistics.median(ts)
         tokens_per_s = BATCH * SEQ / step_s
-        rows[name] = {**made[name][1], "dtype": dtype_of[name], "step_s": step_s, "step_times_s": ts,
-                      "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * fpt / peak[dtype_of[name]]}
+        info = made[name][1]
+        rows[name] = {**info, "step_s": step_s, "step_times_s": ts,
+                      "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * fpt / peak[info["dtype"]]}
     res = {"config": MODEL, "batch": [BATCH, SEQ], "peak_flops": peak, "peaks_flops": peaks,
            "rows": rows}
     print(f"\ntrain FLOPs/token {fpt / 1e6:.1f}M; median of {args.steps} interleaved rounds after "

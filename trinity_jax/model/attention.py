@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from trinity_jax.config import ModelConfig
-from trinity_jax.model.mlp import Linear, f32_result_dots, own_buffer, transposed
+from trinity_jax.model.mlp import Linear, dot_rows, f32_result_dots, own_buffer, transposed
 from trinity_jax.model.norms import RMSNorm
 
 _NEG_INF = -1e30
@@ -159,8 +159,7 @@ def _attention_bwd(res, cts):
         # dV = Pᵀ dO and dK = dSᵀ Q contract the rows, which XLA:CPU upcasts to f32 dots in
         # bf16; as dVᵀ = dOᵀ P and dKᵀ = Qᵀ dS only [.., r | s, dh]-sized arrays are transposed
         # (through `transposed` both ways: XLA folds a plain transpose of the result back too).
-        dv, dk = (transposed(jnp.einsum("...dr,...rs->...ds", transposed(a), b, preferred_element_type=f32))
-                  for a, b in ((dout, p), (q, ds)))
+        dv, dk = (transposed(dot_rows(a, b)) for a, b in ((dout, p), (q, ds)))
     else:
         dv = jnp.einsum("...rs,...rd->...sd", p, dout, preferred_element_type=f32)
         dk = jnp.einsum("...rs,...rd->...sd", ds, q, preferred_element_type=f32)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from trinity_jax.config import ModelConfig
 from trinity_jax.model.initializers import truncated_normal_3sigma
-from trinity_jax.model.mlp import Linear, SwiGLU, dot_rows, f32_result_dots, transposed
+from trinity_jax.model.mlp import Linear, SwiGLU, dot_nt, dot_rows, f32_result_dots, is_16bit_float, transposed
 from trinity_jax.parallel.expert import moe_dispatch
 
 
@@ -295,11 +295,6 @@ def _from_rows_bwd(res, g):
 from_rows.defvjp(_from_rows_fwd, _from_rows_bwd)
 
 
-def _dot_nt(a, b):
-    """a @ b^T: [s, p], [q, p] -> [s, q], fp32 result (see `_dot`)."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def _dot(a, b):
     """a @ b with an fp32 result: XLA:CPU multiplies 16-bit operands on its library path only
     into fp32 (`mlp.f32_result_dots`); a 16-bit result made the loops' bf16 products 2-4x slower."""
@@ -322,8 +317,7 @@ def _bits_dtype(dtype):
     XLA:CPU has no bf16 dynamic-update-slice: it converts the whole carried buffer to f32 and
     back around each in-place row update, so every loop iteration copied the buffer (the bench
     model's bf16 step took 7.8 s, ~5 s of it in those copies). On bits the update is in place."""
-    dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.uint16) if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2 else dtype
+    return jnp.dtype(jnp.uint16) if is_16bit_float(dtype) else jnp.dtype(dtype)
 
 
 def _to_bits(a, dtype):
@@ -410,8 +404,8 @@ def _block_swiglu_bwd(sizes, res, gy):
             # the SwiGLU in fp32 from the stored (compute-dtype) g, u, as in the forward
             h, swiglu_vjp = jax.vjp(_swiglu_experts, g.astype(f32), u.astype(f32))
             h = h.astype(dt)
-            dg, du = (t.astype(dt) for t in swiglu_vjp(_dot_nt(dy, wde)))     # [s, f] each
-            dxb = _dot_nt(dg, wge) + _dot_nt(du, wue)
+            dg, du = (t.astype(dt) for t in swiglu_vjp(dot_nt(dy, wde)))     # [s, f] each
+            dxb = dot_nt(dg, wge) + dot_nt(du, wue)
             if pre:
                 xbt, dyt = (_block(a, r, s, 1, dt) for a in (xst, gyt))        # [d, s]
                 dw = _dot(xbt, dg), _dot(xbt, du), _dot(dyt, h)                 # dWd as [d, f]

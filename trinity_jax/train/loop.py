@@ -22,7 +22,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from trinity_jax.config import ExperimentConfig, to_config_dict
@@ -130,7 +129,7 @@ def setup(cfg: ExperimentConfig, workdir: str, *, data=None, log: Callable = pri
     eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(cfg, model), shardings, batch_sharding)
 
     fpt = metrics_lib.flops_per_token(cfg.model, cfg.train.seq_len, abstract["params"])
-    peak, how = metrics_lib.peak_flops_total(cfg.train, jnp.dtype(cfg.model.dtype))
+    peak, how = metrics_lib.peak_flops_total(cfg.train, cfg.model.dtype)
     log(f"train FLOPs/token {fpt:.3g}; peak {peak / 1e9:.1f} GFLOP/s ({how})")
     return Run(cfg=cfg, workdir=workdir, mesh=mesh, model=model, optimizer=optimizer, data=data,
                state=init_fn(key) if init else None, shardings=shardings,

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from trinity_jax.model.mlp import f32_result_dots, transposed
+from trinity_jax.model.mlp import dot_rows, f32_result_dots
 
 __all__ = ["ParamRule", "param_rules", "make_optimizer", "Optimizer", "format_table",
            "newton_schulz", "scale_by_muon", "MuonState"]
@@ -108,11 +108,11 @@ def newton_schulz(x: jax.Array, steps: int, coeffs=NS_COEFFS, eps: float = 1e-8,
                           preferred_element_type=jnp.float32)
 
     def step(y, _):
-        if f32_result_dots(dtype):   # Yᵀ materialised: XLA:CPU upcasts a row-contracting bf16 product
-            gram = mm(transposed(y.astype(dtype)), y)
-        else:
-            gram = jnp.einsum("...ji,...jk->...ik", y.astype(dtype), y.astype(dtype),
-                              preferred_element_type=jnp.float32)
+        yd = y.astype(dtype)
+        if f32_result_dots(dtype):   # XLA:CPU upcasts a row-contracting bf16 product: Yᵀ copied
+            gram = dot_rows(yd, yd)
+        else:                        # in f32 the direct form is ~2x faster than a copied Yᵀ here
+            gram = jnp.einsum("...ji,...jk->...ik", yd, yd, preferred_element_type=jnp.float32)
         return a0 * y + mm(y, b0 * gram + c0 * mm(gram, gram)), None
 
     y, _ = jax.lax.scan(step, y, None, length=steps)
@@ -192,7 +192,7 @@ def make_optimizer(optim_cfg, params: Any, schedules: dict) -> Optimizer:
         # every leaf reaching this branch is a [..., in, out] matrix: leading axes are batch axes
         return optax.chain(
             scale_by_muon(optim_cfg.ns_steps, optim_cfg.muon_momentum, optim_cfg.nesterov,
-                          jnp.dtype(optim_cfg.ns_dtype)),
+                          optim_cfg.ns_dtype),
             optax.add_decayed_weights(wd), optax.scale(-1.0))
 
     def adam(wd):
