@@ -336,6 +336,17 @@ def _block(a, start, size, axis, dtype):
     return _from_bits(jax.lax.dynamic_slice_in_dim(a, start, size, axis), dtype)
 
 
+def _unfused(a):
+    """a, computed by kernels of its own: passed through the identity branch of a `cond` on a
+    true that XLA cannot see (an optimization barrier's output); fusion does not cross a
+    conditional. XLA fused `transposed` with the bitcast to the loops' uint16 storage into one
+    generic loop kernel: 10-12 ms for a [16832, 256] buffer here against 1.6-1.9 ms for the bf16
+    transpose alone (14 such per step of the bench model). Applied to all of `own_buffer` it
+    made the step ~9% slower (the attention copies), so it is used only here."""
+    true = jax.lax.optimization_barrier(jnp.bool_(True))
+    return jax.lax.cond(true, lambda v: v, jnp.zeros_like, a)
+
+
 # The loops read every 16-bit buffer as bits (_to_bits), not only the ones they update: given a
 # bf16 buffer, XLA:CPU moved the conversions of the loops' slices out to the whole buffer,
 # carrying it as f32 (twice the bytes, and a full f32 conversion per buffer and layer), and it
@@ -388,7 +399,7 @@ def _block_swiglu_bwd(sizes, res, gy):
     pre = f32_result_dots(dt)
     gyb = _to_bits(gy, dt)
     if pre:
-        xst, gyt = (_to_bits(transposed(a), dt) for a in (xs, gy))        # [d, R]
+        xst, gyt = (_to_bits(_unfused(transposed(a)), dt) for a in (xs, gy))   # [d, R]
     else:
         xsb = _to_bits(xs, dt)
     dwd_shape = wd.shape[:1] + wd.shape[:0:-1] if pre else wd.shape
