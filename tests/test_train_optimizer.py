@@ -110,6 +110,27 @@ def test_muon_update_of_a_4d_expert_leaf_is_per_matrix_newton_schulz():
                 np.testing.assert_allclose(u[li, e], want, rtol=2e-3, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_newton_schulz_in_cache_sized_chunks_is_per_matrix_newton_schulz(monkeypatch, dtype):
+    """On CPU a batch of matrices larger than NS_CHUNK_BYTES runs as a loop over chunks (here 2
+    matrices a chunk, 15 matrices: 7 chunks and a remainder of 1). Each matrix must come out as
+    its own NS: equal to the unchunked batch (same per-matrix arithmetic: 1e-6 in fp32; bf16
+    products: 1e-3, batch-size-dependent blocking of the library's bf16 dot; a matrix mixed up
+    with another or left out would be O(0.1) off) and, in fp32, to the float64 reference
+    (2e-3 relative, as above; bf16 against f32 is the test below)."""
+    from trinity_jax.train import optimizer
+    g = jnp.asarray(np.random.default_rng(1).normal(size=(5, 3, 16, 8)), jnp.float32)
+    whole = np.asarray(jax.jit(lambda g: newton_schulz(g, 5, dtype=dtype))(g))
+    monkeypatch.setattr(optimizer, "NS_CHUNK_BYTES", 2 * 16 * 8 * 4)
+    fn = jax.jit(lambda g: newton_schulz(g, 5, dtype=dtype))
+    assert fn.lower(g).compile().as_text().count(" while(") > 1          # the chunk loop + NS steps
+    chunked = np.asarray(fn(g))
+    np.testing.assert_allclose(chunked, whole, atol=1e-6 if dtype == jnp.float32 else 1e-3)
+    for i in range(5):
+        for j in range(3 if dtype == jnp.float32 else 0):
+            np.testing.assert_allclose(chunked[i, j], _newton_schulz(np.asarray(g[i, j])), rtol=2e-3, atol=2e-5)
+
+
 def test_our_muon_transform_equals_optax_scale_by_muon_over_steps():
     """Our scale_by_muon (tall-oriented NS for XLA:CPU) against optax.contrib.scale_by_muon
     with per-matrix dimension numbers: 3 steps of momentum + NS, Nesterov on and off, on a
