@@ -341,8 +341,9 @@ def _unfused(a):
     true that XLA cannot see (an optimization barrier's output); fusion does not cross a
     conditional. XLA fused `transposed` with the bitcast to the loops' uint16 storage into one
     generic loop kernel: 10-12 ms for a [16832, 256] buffer here against 1.6-1.9 ms for the bf16
-    transpose alone (14 such per step of the bench model). Applied to all of `own_buffer` it
-    made the step ~9% slower (the attention copies), so it is used only here."""
+    transpose alone (14 such per step of the bench model). Elsewhere the extra copy ate the
+    gain: in place of all of `own_buffer` the bench step was ~9% slower (paired runs), and on
+    the cotangents of attention's heads/rows moves it was even (0.98x, 1.01x)."""
     true = jax.lax.optimization_barrier(jnp.bool_(True))
     return jax.lax.cond(true, lambda v: v, jnp.zeros_like, a)
 
