@@ -70,7 +70,8 @@ class ModelConfig:
     attention_impl: str = "auto"   # see ATTENTION_IMPLS / model.attention.self_attention
     remat_policy: str = "none"
     scan_unroll: int = 1            # layers per scan iteration (>= the stack: fully unrolled; faster
-                                    # steps on CPU, no stacked residual buffers, longer compile)
+                                    # steps on CPU, no stacked residual buffers, longer compile; bf16
+                                    # on CPU: the bench step 2.97 s scanned, 1.84 s unrolled)
     # --- ablation switches (defaults are Trinity)
     attention_gate: bool = True
     qk_norm: bool = True
