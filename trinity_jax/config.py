@@ -69,9 +69,12 @@ class ModelConfig:
     capacity_factor: float = 0.0    # 0: dropless; > 0: drop overflow tokens deterministically
     attention_impl: str = "auto"   # see ATTENTION_IMPLS / model.attention.self_attention
     remat_policy: str = "none"
-    scan_unroll: int = 1            # layers per scan iteration (>= the stack: fully unrolled; faster
-                                    # steps on CPU, no stacked residual buffers, longer compile; bf16
-                                    # on CPU: the bench step 2.97 s scanned, 1.84 s unrolled)
+    # layers per scan iteration (>= the stack: fully unrolled; faster steps on CPU, no stacked
+    # residual buffers, longer compile). 0 = auto: fully unrolled for 16-bit compute on CPU, where
+    # scanned layers stack bf16 residuals with dynamic-update-slice, which XLA:CPU runs by
+    # converting the whole stack to f32 and back at every layer (the bench's bf16 step: 2.97 s
+    # scanned, 1.84 s unrolled); 1 elsewhere.
+    scan_unroll: int = 0
     # --- ablation switches (defaults are Trinity)
     attention_gate: bool = True
     qk_norm: bool = True
@@ -137,8 +140,8 @@ class ModelConfig:
         _choice(self, "model", "moe_impl", MOE_IMPLS)
         _choice(self, "model", "attention_impl", ATTENTION_IMPLS)
         _choice(self, "model", "remat_policy", REMAT_POLICIES)
-        if self.scan_unroll < 1:
-            raise ConfigError(f"model.scan_unroll={self.scan_unroll}: must be >= 1")
+        if self.scan_unroll < 0:
+            raise ConfigError(f"model.scan_unroll={self.scan_unroll}: must be >= 1, or 0 for auto")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name)
             if not 0 <= v < self.vocab_size:

@@ -13,7 +13,7 @@ from jax.ad_checkpoint import checkpoint_name
 from trinity_jax.config import ModelConfig
 from trinity_jax.model.attention import Attention, rope_tables
 from trinity_jax.model.initializers import truncated_normal_3sigma
-from trinity_jax.model.mlp import SwiGLU
+from trinity_jax.model.mlp import SwiGLU, is_16bit_float
 from trinity_jax.model.moe import MoE
 from trinity_jax.model.norms import RMSNorm
 
@@ -60,6 +60,14 @@ class DecoderLayer(nn.Module):
         return x, aux
 
 
+def scan_unroll(cfg: ModelConfig, length: int) -> int:
+    """Layers per scan iteration for a stack of `length` (`model.scan_unroll`; 0 = auto: the
+    whole stack for 16-bit compute on CPU, else 1)."""
+    if cfg.scan_unroll:
+        return min(cfg.scan_unroll, length)
+    return length if is_16bit_float(cfg.dtype) and jax.default_backend() == "cpu" else 1
+
+
 def layer_stack(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Module:
     """`length` identical layers under nn.scan; the local/global flag of each layer is scanned in."""
     layer = DecoderLayer
@@ -69,7 +77,7 @@ def layer_stack(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Modul
                       variable_axes={"params": 0, "balance": 0, "intermediates": 0},
                       split_rngs={"params": True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                      length=length, unroll=min(cfg.scan_unroll, length),
+                      length=length, unroll=scan_unroll(cfg, length),
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, moe, name=name)
 
