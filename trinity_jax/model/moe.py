@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from trinity_jax.config import ModelConfig
 from trinity_jax.model.initializers import truncated_normal_3sigma
-from trinity_jax.model.mlp import Linear, SwiGLU, dot_nt, dot_rows, f32_result_dots, is_16bit_float, transposed
+from trinity_jax.model.mlp import Linear, SwiGLU, dot_nn, dot_nt, dot_rows, f32_result_dots, is_16bit_float, transposed
 from trinity_jax.parallel.expert import moe_dispatch
 
 
@@ -295,12 +295,6 @@ def _from_rows_bwd(res, g):
 from_rows.defvjp(_from_rows_fwd, _from_rows_bwd)
 
 
-def _dot(a, b):
-    """a @ b with an fp32 result: XLA:CPU multiplies 16-bit operands on its library path only
-    into fp32 (`mlp.f32_result_dots`); a 16-bit result made the loops' bf16 products 2-4x slower."""
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
 def _zeros_varying_like(refs, *shapes_dtypes):
     """Loop-carry zeros with the union of the refs' varying manual axes (inside shard_map, the
     carry must vary like the loop body's outputs; elsewhere this is plain zeros)."""
@@ -368,8 +362,8 @@ def _block_loops_fwd(xs, wg, wu, wd, tiers, sizes):
             e, r = expert[j], start[j]
             xb = _block(xsb, r, s, 0, dt)
             wge, wue, wde = (_from_bits(w[e], dt) for w in wb)
-            g, u = _dot(xb, wge).astype(dt), _dot(xb, wue).astype(dt)
-            yb = _dot(_swiglu_experts(g.astype(f32), u.astype(f32)).astype(dt), wde)
+            g, u = dot_nn(xb, wge).astype(dt), dot_nn(xb, wue).astype(dt)
+            yb = dot_nn(_swiglu_experts(g.astype(f32), u.astype(f32)).astype(dt), wde)
             return tuple(upd(buf, _to_bits(v, dt), r, 0) for buf, v in ((ys, yb), (hg, g), (hu, u)))
         carry = jax.lax.fori_loop(0, count, body, carry)
     return carry
@@ -420,7 +414,7 @@ def _block_swiglu_bwd(sizes, res, gy):
             dxb = dot_nt(dg, wge) + dot_nt(du, wue)
             if pre:
                 xbt, dyt = (_block(a, r, s, 1, dt) for a in (xst, gyt))        # [d, s]
-                dw = _dot(xbt, dg), _dot(xbt, du), _dot(dyt, h)                 # dWd as [d, f]
+                dw = dot_nn(xbt, dg), dot_nn(xbt, du), dot_nn(dyt, h)                 # dWd as [d, f]
             else:
                 xb = _block(xsb, r, s, 0, dt)
                 dw = dot_rows(xb, dg), dot_rows(xb, du), dot_rows(h, dy)
