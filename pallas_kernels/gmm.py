@@ -104,8 +104,8 @@ def _gmm_metadata(group_sizes: jax.Array, m: int, m_pad: int, tm: int):
     return offsets, gid, tile.astype(jnp.int32)
 
 
-def _gmm_kernel(gid_ref, tile_ref, offsets_ref, lhs_ref, rhs_ref, out_ref, *,
-                tm, tk, tn, num_k, num_groups, transpose_rhs, precision):
+def _gmm_kernel(gid_ref, tile_ref, trip_ref, offsets_ref, lhs_ref, rhs_ref, out_ref, *,
+                tm, tk, tn, num_groups, transpose_rhs, precision):
     n = pl.program_id(0)
     v = pl.program_id(1)
     g = gid_ref[v]
@@ -114,8 +114,10 @@ def _gmm_kernel(gid_ref, tile_ref, offsets_ref, lhs_ref, rhs_ref, out_ref, *,
     start = offsets_ref[g]
     end = offsets_ref[g + 1]
     rhs_g = jnp.minimum(g, num_groups - 1)
-    # The padding group and unused visits run no K iterations: their accumulator stays 0.
-    trip = jnp.where(g < num_groups, num_k, 0)
+    # K iterations of this visit: 0 for the padding group and unused visits (accumulator 0).
+    # Loaded, not computed here: jax 0.11's Triton lowering typed a kernel-side
+    # `jnp.where(g < G, num_k, 0)` as i1, and Triton rejected the scf.for (seen on an H200).
+    trip = trip_ref[v]
 
     def body(kk, acc):
         k0 = pl.multiple_of(kk * tk, tk)
@@ -155,8 +157,9 @@ def _gmm_impl(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs, interp
     else:
         rhs = _pad_to(_pad_to(rhs, 1, k_pad), 2, n_pad)
     offsets, gid, tile = _gmm_metadata(group_sizes, m, m_pad, tm)
+    trip = jnp.where(gid < num_groups, k_pad // tk, 0).astype(jnp.int32)      # [V]
     kernel = functools.partial(
-        _gmm_kernel, tm=tm, tk=tk, tn=tn, num_k=k_pad // tk, num_groups=num_groups,
+        _gmm_kernel, tm=tm, tk=tk, tn=tn, num_groups=num_groups,
         transpose_rhs=transpose_rhs, precision=_dot_precision(dtype))
     out = pl.pallas_call(
         kernel,
@@ -165,7 +168,7 @@ def _gmm_impl(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs, interp
         interpret=interpret,
         compiler_params=_compiler_params(interpret, num_warps, num_stages),
         name="gmm",
-    )(gid, tile, offsets, lhs, rhs)
+    )(gid, tile, trip, offsets, lhs, rhs)
     return out[:m, :n_out]
 
 
