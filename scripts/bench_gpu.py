@@ -215,9 +215,13 @@ def run_timing(rep, args, interpret, smoke, rng):
     rows = []   # (op, config, ms, flops)
 
     def add(op, config, fn, fargs, op_flops=flops):
+        # one line before and after each row: a run cut by its time limit still shows how far
+        # it got and what it measured (the table comes at the end)
+        rep(f"  timing {op} [{config}] ...")
         try:
             ms = timeit(jax.jit(fn), fargs, reps, warmup)
             rows.append((op, config, ms, op_flops))
+            rep(f"  timed  {op} [{config}]: {ms:.3f} ms")
         except Exception:
             rep.fail(f"timing {op} {config} raised:\n{traceback.format_exc()}")
 

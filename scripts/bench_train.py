@@ -1,7 +1,9 @@
-"""Train-step throughput on CPU: our jitted step vs transformers' AfmoeForCausalLM (torch).
+"""Train-step throughput: our jitted step vs transformers' AfmoeForCausalLM (torch), on CPU
+(the target) or, where JAX sees a GPU, on that GPU (torch on CUDA beside it).
 
     .venv/bin/python scripts/bench_train.py [--steps 5] [--warmup 2] [--skip-hf]
-        [--dtypes float32,bfloat16] [--optimizers adamw,muon] [--out FILE.json]
+        [--dtypes float32,bfloat16] [--optimizers adamw,muon] [--size bench|gpu]
+        [--model JSON] [--out FILE.json]
 
 Same run, same config (d=256, 8 layers (1 dense), 64 experts top-4 + 1 shared, vocab 8192),
 same batch (8 × 512 tokens, one document per row) and optimizer: ours is the full Trinity
@@ -9,13 +11,18 @@ step (chunked CE + z-loss, balance loss, SMEBU, clipping) with every parameter o
 (``optim.hidden_optimizer=adamw``, like-for-like) and, as a second row, with the recipe's
 Muon; HF's is ``torch.optim.AdamW`` on the CE of ``model(input_ids).logits``. Each compute
 dtype gets its rows: fp32 throughout, and bf16 compute on fp32 master weights (ours:
-``model.dtype=bfloat16``; HF: the forward and loss under ``torch.autocast("cpu", bfloat16)``).
+``model.dtype=bfloat16``; HF: the forward and loss under ``torch.autocast`` in bfloat16).
 After ``--warmup`` (compile) steps of each, ``--steps`` rounds run one step of each row in
 turn, so a drift in the shared machine's load hits every row of a round alike. Reports per row
-the median step: tokens/s and MFU = tokens/s × train FLOPs/token / the 2048³ matmul peak of
+the median step: tokens/s and MFU = tokens/s × train FLOPs/token / the n³ matmul peak of
 the row's dtype (the mean of a measurement at the start and one at the end of the run); and
 the ratio to HF in the same dtype, both of the medians and as the median of the per-round
 ratios. Target: ours ≥ 2× HF tokens/s and MFU ≥ 40%. Run it alone: it uses every core.
+
+``--size gpu`` is a larger model and batch for a GPU (d=1024, 64 experts of 512, vocab 32768,
+16 × 2048 tokens), where the bench shape is launch-bound; ``--model '{"moe_impl": "ragged_dot"}'``
+overrides fields of the model (both sides where HF has them). On a GPU the peak is an 8192³
+product (2048³ on CPU).
 """
 from __future__ import annotations
 
@@ -38,16 +45,22 @@ MODEL = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, moe_interm
              max_position_embeddings=512, mup_enabled=True,
              scan_unroll=8)   # layer stacks unrolled: ~20% faster steps on CPU (compile ~1.5x)
 BATCH, SEQ = 8, 512
+# --size gpu: a shape that keeps a GPU busy (the bench shape above is launch-bound there)
+GPU_MODEL = dict(MODEL, vocab_size=32768, hidden_size=1024, intermediate_size=3072,
+                 moe_intermediate_size=512, num_attention_heads=8, head_dim=128,
+                 sliding_window=512, max_position_embeddings=2048,
+                 scan_unroll=0)   # auto: scanned layers off CPU (a GPU compile is the long pole)
+GPU_BATCH, GPU_SEQ = 16, 2048
 
 
-def make_batch(seed: int = 0) -> dict:
+def make_batch(model: dict, batch: int, seq: int, seed: int = 0) -> dict:
     """One document per row (no packing, so HF and we see the same attention pattern)."""
     r = np.random.default_rng(seed)
-    toks = r.integers(0, MODEL["vocab_size"], (BATCH, SEQ + 1)).astype(np.int32)
+    toks = r.integers(0, model["vocab_size"], (batch, seq + 1)).astype(np.int32)
     return {"inputs": toks[:, :-1], "targets": toks[:, 1:],
-            "positions": np.tile(np.arange(SEQ, dtype=np.int32), (BATCH, 1)),
-            "segment_ids": np.ones((BATCH, SEQ), np.int32),
-            "loss_mask": np.ones((BATCH, SEQ), np.float32)}
+            "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+            "segment_ids": np.ones((batch, seq), np.int32),
+            "loss_mask": np.ones((batch, seq), np.float32)}
 
 
 class _FixedBatch:
@@ -70,15 +83,16 @@ class _FixedBatch:
         return []
 
 
-def ours_stepper(batch, hidden_optimizer: str, dtype: str = "float32"):
+def ours_stepper(batch, model: dict, hidden_optimizer: str, dtype: str = "float32"):
     """Our jitted train step on `batch` -> (step() -> (seconds, loss), info dict, close())."""
     import jax
     from trinity_jax.config import from_config_dict
     from trinity_jax.parallel import rules
     from trinity_jax.train import loop
 
-    cfg = from_config_dict({"model": {**MODEL, "dtype": dtype}, "train": dict(
-        batch_size=BATCH, seq_len=SEQ, steps=10 ** 6, peak_flops=1.0),
+    b, s = batch["inputs"].shape
+    cfg = from_config_dict({"model": {**model, "dtype": dtype}, "train": dict(
+        batch_size=b, seq_len=s, steps=10 ** 6, peak_flops=1.0),
         "optim": dict(warmup_steps=10, hidden_optimizer=hidden_optimizer, ns_dtype=dtype)})
     wd = tempfile.TemporaryDirectory()
     run = loop.setup(cfg, wd.name, data=_FixedBatch(batch), log=lambda *a: None)
@@ -98,9 +112,9 @@ def ours_stepper(batch, hidden_optimizer: str, dtype: str = "float32"):
     return step, {"dtype": dtype, "flops_per_token": run.flops_per_token, "devices": jax.device_count()}, close
 
 
-def hf_stepper(batch, dtype: str = "float32"):
+def hf_stepper(batch, model: dict, dtype: str = "float32", device: str = "cpu"):
     """transformers' AfmoeForCausalLM + torch AdamW on `batch`, same interface as ours_stepper;
-    bfloat16: the forward and the loss under CPU autocast (fp32 weights and optimizer)."""
+    bfloat16: the forward and the loss under autocast (fp32 weights and optimizer)."""
     import contextlib
 
     import torch
@@ -108,7 +122,7 @@ def hf_stepper(batch, dtype: str = "float32"):
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    m = MODEL
+    m = model
     hf_cfg = AfmoeConfig(
         vocab_size=m["vocab_size"], hidden_size=m["hidden_size"],
         intermediate_size=m["intermediate_size"], moe_intermediate_size=m["moe_intermediate_size"],
@@ -119,27 +133,30 @@ def hf_stepper(batch, dtype: str = "float32"):
         route_scale=m["route_scale"], global_attn_every_n_layers=m["global_attn_every_n_layers"],
         sliding_window=m["sliding_window"], max_position_embeddings=m["max_position_embeddings"],
         mup_enabled=m["mup_enabled"], tie_word_embeddings=False)
-    model = AfmoeForCausalLM(hf_cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    ids = torch.from_numpy(batch["inputs"].astype(np.int64))
-    labels = torch.from_numpy(batch["targets"].astype(np.int64))
+    net = AfmoeForCausalLM(hf_cfg).to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    ids = torch.from_numpy(batch["inputs"].astype(np.int64)).to(device)
+    labels = torch.from_numpy(batch["targets"].astype(np.int64)).to(device)
 
-    autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16"
+    autocast = ((lambda: torch.autocast(device, dtype=torch.bfloat16)) if dtype == "bfloat16"
                 else contextlib.nullcontext)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
+        sync()
         t = time.perf_counter()
         with autocast():
-            logits = model(input_ids=ids).logits
+            logits = net(input_ids=ids).logits
             loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                      labels.reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - t, loss.item()
 
-    return step, {"dtype": dtype, "threads": torch.get_num_threads()}, lambda: None
+    return step, {"dtype": dtype, "threads": torch.get_num_threads(), "device": device}, lambda: None
 
 
 def run_interleaved(steppers: dict, warmup: int, steps: int, log) -> dict[str, list[float]]:
@@ -172,6 +189,9 @@ def main() -> int:
                     help="compute dtypes, each with its own rows: float32 and/or bfloat16")
     ap.add_argument("--optimizers", default="adamw,muon",
                     help="our step with every matrix on AdamW (like-for-like with HF) and/or Muon")
+    ap.add_argument("--size", choices=("bench", "gpu"), default="bench",
+                    help="bench: the issue's CPU shape; gpu: a larger model and batch for a GPU")
+    ap.add_argument("--model", default="{}", help="JSON object of model fields to override")
     ap.add_argument("--out", default="")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
@@ -179,23 +199,38 @@ def main() -> int:
     for name, values, allowed in (("--dtypes", dtypes, SHORT), ("--optimizers", optimizers, ("adamw", "muon"))):
         if not values or any(v not in allowed for v in values):
             ap.error(f"{name}={','.join(values)}: allowed values are {', '.join(allowed)}")
+    try:
+        overrides = json.loads(args.model)
+        assert isinstance(overrides, dict)
+    except (ValueError, AssertionError):
+        ap.error(f"--model={args.model!r}: expected a JSON object of model fields")
+    model, n_batch, seq = ((GPU_MODEL, GPU_BATCH, GPU_SEQ) if args.size == "gpu" else (MODEL, BATCH, SEQ))
+    model = {**model, **overrides}
     log = (lambda *a: None) if args.quiet else (lambda s: print(s, flush=True))
 
+    import jax
     from trinity_jax.train.metrics import measure_matmul_peak
 
+    backend = jax.default_backend()
+    device = {"cpu": "cpu", "gpu": "cuda"}.get(backend)
+    if device is None:
+        raise SystemExit(f"bench_train: JAX backend {backend!r}: only cpu and gpu are supported")
+    n_peak = 2048 if backend == "cpu" else 8192
+
     def peaks_now():
-        return {dt: measure_matmul_peak(dtype=dt) for dt in dtypes}
+        return {dt: measure_matmul_peak(n=n_peak, repeats=3 if backend == "cpu" else 10, dtype=dt) for dt in dtypes}
 
     peaks = [peaks_now()]
-    log("matmul peaks (2048³): " + ", ".join(f"{SHORT[dt]} {p / 1e9:.1f} GFLOP/s" for dt, p in peaks[0].items()))
-    batch = make_batch()
+    log(f"JAX backend {backend} ({jax.devices()[0].device_kind}); matmul peaks ({n_peak}³): "
+        + ", ".join(f"{SHORT[dt]} {p / 1e9:.1f} GFLOP/s" for dt, p in peaks[0].items()))
+    batch = make_batch(model, n_batch, seq)
     made, hf_of = {}, {}
     for dt in dtypes:
         for opt in optimizers:
-            made[f"ours {SHORT[dt]} ({opt})"] = ours_stepper(batch, opt, dt)
+            made[f"ours {SHORT[dt]} ({opt})"] = ours_stepper(batch, model, opt, dt)
         if not args.skip_hf:
             hf_of[dt] = f"hf {SHORT[dt]} (adamw, torch)"
-            made[hf_of[dt]] = hf_stepper(batch, dt)
+            made[hf_of[dt]] = hf_stepper(batch, model, dt, device)
     times = run_interleaved({name: m[0] for name, m in made.items()}, args.warmup, args.steps, log)
     for _, _, close in made.values():
         close()
@@ -205,14 +240,14 @@ def main() -> int:
     rows = {}
     for name, ts in times.items():
         step_s = statistics.median(ts)
-        tokens_per_s = BATCH * SEQ / step_s
+        tokens_per_s = n_batch * seq / step_s
         info = made[name][1]
         rows[name] = {**info, "step_s": step_s, "step_times_s": ts,
                       "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * fpt / peak[info["dtype"]]}
-    res = {"config": MODEL, "batch": [BATCH, SEQ], "peak_flops": peak, "peaks_flops": peaks,
+    res = {"backend": backend, "config": model, "batch": [n_batch, seq], "peak_flops": peak, "peaks_flops": peaks,
            "rows": rows}
     print(f"\ntrain FLOPs/token {fpt / 1e6:.1f}M; median of {args.steps} interleaved rounds after "
-          f"{args.warmup} warm-up; MFU of each dtype's 2048³ matmul peak (mean of start and end):")
+          f"{args.warmup} warm-up; MFU of each dtype's {n_peak}³ matmul peak (mean of start and end):")
     for dt in dtypes:
         print(f"  {SHORT[dt]} peak {peak[dt] / 1e9:.1f} GFLOP/s (start {peaks[0][dt] / 1e9:.1f}, "
               f"end {peaks[1][dt] / 1e9:.1f})")

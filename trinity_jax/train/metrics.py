@@ -120,8 +120,9 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 3, dtype=jnp.float32) -> f
     """Achieved FLOP/s of an n³ matmul in `dtype` on the default device (best of ``repeats``).
 
     The product accumulates into an fp32 result, as the model's do: XLA:CPU runs a bf16 product
-    with a bf16 result ~5x slower (upcast to an f32 dot), which would understate the peak."""
-    a = jnp.ones((n, n), dtype)
+    with a bf16 result ~5x slower (upcast to an f32 dot), which would understate the peak.
+    Random operands: a GPU's matrix units run measurably faster on constant data."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     f(a, a).block_until_ready()
     best = math.inf

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One prepared run for a lent NVIDIA GPU: scripts/check_gpu.sh [PART ...]
+#
+# Parts (default: all, in this order; each under its own time limit, so one hang costs only
+# its own share):
+#   env      versions of python, jax, flax, optax, orbax, grain, torch, transformers; the devices
+#   kernels  scripts/bench_gpu.sh --quick: the Pallas kernels compiled on the GPU, checked
+#            against their references, and timed at Trinity-Large expert shapes
+#   tests    the GPU tests (Pallas kernels compiled, ragged_all_to_all) with JAX_PLATFORMS=cuda
+#   bench    scripts/bench_train.py on the GPU, bench shape: ours bf16 (AdamW, Muon) vs HF bf16
+#   big      scripts/bench_train.py --size gpu: ours bf16 (AdamW) vs HF bf16 at a GPU-sized shape
+#   cli      python -m trinity_jax train --config experiments/tiny.py on the GPU (data pipeline,
+#            checkpoints, variants)
+#
+# Python: $PYTHON, else python3 (the lent H200 image's python3 has jax with the CUDA plugin and
+# torch, and no network). Wheels under .whl/ (pinned versions of what the image lacks: grain,
+# ml-collections, tensorboardX, portpicker, and our flax/optax/orbax/transformers pins) are
+# installed into /tmp/site first and put ahead on PYTHONPATH.
+# Logs: $OUT/<part>.log (or ./gpu_out/; bench_gpu.py adds bench_gpu.txt); the tail of each
+# log is echoed.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHON="$PY"
+# jax and torch share the card in the bench: leave torch room beside XLA's pool
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}"
+
+part() {   # part NAME LIMIT_S CMD...
+  local name=$1 limit=$2 t=$SECONDS rc
+  shift 2
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  echo "=== $name: rc=$rc in $((SECONDS - t))s"
+  tail -n "${TAIL:-20}" "$OUT/$name.log" | cut -c1-240
+  return 0
+}
+
+env_report() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader || true
+  "$PYTHON" - <<'PY'
+import importlib, sys
+print("python", sys.version.split()[0])
+for m in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "grain", "ml_collections",
+          "tensorstore", "torch", "transformers"):
+    try:
+        mod = importlib.import_module(m)
+        print(m, getattr(mod, "__version__", "?"), getattr(mod, "__file__", ""))
+    except Exception as e:  # noqa: BLE001 - a report, not a check
+        print(m, "IMPORT FAILED:", repr(e))
+import jax
+print("backend", jax.default_backend(), jax.devices())
+PY
+}
+
+export -f env_report
+
+PARTS=("$@")
+[[ ${#PARTS[@]} -gt 0 ]] || PARTS=(env kernels tests bench big cli)
+for p in "${PARTS[@]}"; do
+  case "$p" in
+    env) part env 60 bash -c env_report ;;
+    kernels) part kernels 120 bash scripts/bench_gpu.sh --quick ;;
+    tests) part tests 80 env JAX_PLATFORMS=cuda "$PY" -m pytest -q -p no:cacheprovider \
+        tests/test_pallas_gmm.py tests/test_pallas_routing.py \
+        tests/test_parallel_expert.py::test_ragged_all_to_all_on_accelerator ;;
+    bench) part bench 110 "$PY" scripts/bench_train.py --dtypes bfloat16 --steps 10 ;;
+    big) part big 200 "$PY" scripts/bench_train.py --size gpu --dtypes bfloat16 \
+        --optimizers adamw --steps 5 --warmup 1 ;;
+    cli) part cli 90 "$PY" -m trinity_jax train --config experiments/tiny.py \
+        --workdir /tmp/check_gpu_wd --config.train.steps=30 --config.sft.steps=10 ;;
+    *) echo "check_gpu.sh: unknown part '$p' (allowed: env kernels tests bench big cli)" >&2
+       exit 2 ;;
+  esac
+done
