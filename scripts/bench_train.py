@@ -83,11 +83,10 @@ class _FixedBatch:
         return []
 
 
-def ours_stepper(batch, model: dict, hidden_optimizer: str, dtype: str = "float32"):
-    """Our jitted train step on `batch` -> (step() -> (seconds, loss), info dict, close())."""
-    import jax
+def make_run(batch, model: dict, hidden_optimizer: str, dtype: str = "float32"):
+    """Our train run (trinity_jax.train.loop.setup) on a fixed `batch`, in a temporary workdir
+    -> (run, the batch on the run's devices, the TemporaryDirectory)."""
     from trinity_jax.config import from_config_dict
-    from trinity_jax.parallel import rules
     from trinity_jax.train import loop
 
     b, s = batch["inputs"].shape
@@ -96,7 +95,15 @@ def ours_stepper(batch, model: dict, hidden_optimizer: str, dtype: str = "float3
         "optim": dict(warmup_steps=10, hidden_optimizer=hidden_optimizer, ns_dtype=dtype)})
     wd = tempfile.TemporaryDirectory()
     run = loop.setup(cfg, wd.name, data=_FixedBatch(batch), log=lambda *a: None)
-    dev_batch = run.to_device(batch)
+    return run, run.to_device(batch), wd
+
+
+def ours_stepper(batch, model: dict, hidden_optimizer: str, dtype: str = "float32"):
+    """Our jitted train step on `batch` -> (step() -> (seconds, loss), info dict, close())."""
+    import jax
+    from trinity_jax.parallel import rules
+
+    run, dev_batch, wd = make_run(batch, model, hidden_optimizer, dtype)
 
     def step():
         with rules.use_mesh(run.mesh):

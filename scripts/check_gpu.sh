@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # One prepared run for a lent NVIDIA GPU: scripts/check_gpu.sh [PART ...]
 #
-# Parts (default: all, in this order; each under its own time limit, so one hang costs only
-# its own share):
+# Parts (default: all, in the order below, bench after variants; each under its own time limit,
+# so one hang costs only its own share):
 #   env      versions of python, jax, flax, optax, orbax, grain, torch, transformers; the devices
 #   kernels  scripts/bench_gpu.sh --quick: the Pallas kernels compiled on the GPU, checked
 #            against their references, and timed at Trinity-Large expert shapes
 #   tests    the GPU tests (Pallas kernels compiled, ragged_all_to_all) with JAX_PLATFORMS=cuda
 #   bench    scripts/bench_train.py on the GPU, bench shape: ours bf16 (AdamW, Muon) vs HF bf16
-#   big      scripts/bench_train.py --size gpu: ours bf16 (AdamW) vs HF bf16 at a GPU-sized shape
+#   big      scripts/bench_train.py --size gpu: ours bf16 (AdamW, Muon) vs HF bf16 at a GPU-sized
+#            shape
+#   profile  scripts/profile_train.py --size gpu: the step's kernel time by part of the model
+#   variants the --size gpu step with attention_impl=dot_product_attention (cuDNN) and with
+#            moe_impl=ragged_dot instead of the defaults (ours only)
 #   cli      python -m trinity_jax train --config experiments/tiny.py on the GPU (data pipeline,
 #            checkpoints, variants)
+# All parts together need more than one 10-minute call: e.g. `env kernels tests big profile`,
+# then `variants cli bench`.
 #
 # Python: $PYTHON, else python3 (the lent H200 image's python3 has jax with the CUDA plugin and
 # torch, and no network). Wheels under .whl/ (pinned versions of what the image lacks: grain,
@@ -62,7 +68,7 @@ PY
 export -f env_report
 
 PARTS=("$@")
-[[ ${#PARTS[@]} -gt 0 ]] || PARTS=(env kernels tests bench big cli)
+[[ ${#PARTS[@]} -gt 0 ]] || PARTS=(env kernels tests big profile variants bench cli)
 for p in "${PARTS[@]}"; do
   case "$p" in
     env) part env 60 bash -c env_report ;;
@@ -71,11 +77,17 @@ for p in "${PARTS[@]}"; do
         tests/test_pallas_gmm.py tests/test_pallas_routing.py \
         tests/test_parallel_expert.py::test_ragged_all_to_all_on_accelerator ;;
     bench) part bench 110 "$PY" scripts/bench_train.py --dtypes bfloat16 --steps 10 ;;
-    big) part big 200 "$PY" scripts/bench_train.py --size gpu --dtypes bfloat16 \
-        --optimizers adamw --steps 5 --warmup 1 ;;
+    big) part big 240 "$PY" scripts/bench_train.py --size gpu --dtypes bfloat16 \
+        --optimizers adamw,muon --steps 5 --warmup 1 ;;
+    profile) part profile 120 "$PY" scripts/profile_train.py --size gpu --steps 3 ;;
+    variants) part variants 200 bash -c "\"$PY\" scripts/bench_train.py --size gpu \
+        --dtypes bfloat16 --optimizers adamw --skip-hf --steps 5 --warmup 1 \
+        --model '{\"attention_impl\": \"dot_product_attention\"}' && \"$PY\" \
+        scripts/bench_train.py --size gpu --dtypes bfloat16 --optimizers adamw --skip-hf \
+        --steps 5 --warmup 1 --model '{\"moe_impl\": \"ragged_dot\"}'" ;;
     cli) part cli 90 "$PY" -m trinity_jax train --config experiments/tiny.py \
         --workdir /tmp/check_gpu_wd --config.train.steps=30 --config.sft.steps=10 ;;
-    *) echo "check_gpu.sh: unknown part '$p' (allowed: env kernels tests bench big cli)" >&2
+    *) echo "check_gpu.sh: unknown part '$p' (allowed: env kernels tests big profile variants bench cli)" >&2
        exit 2 ;;
   esac
 done

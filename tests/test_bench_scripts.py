@@ -22,6 +22,14 @@ def _run_script(script: str, *args: str, timeout: float = 120) -> subprocess.Com
     return p
 
 
+def _import_script(name):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
 def test_bench_moe_quick(tmp_path):
     out = tmp_path / "bench_moe.json"
     p = _run_script("bench_moe.py", "--quick", "--json", str(out))
@@ -44,11 +52,7 @@ def test_bench_moe_quick(tmp_path):
 def test_bench_train_interleaves_rounds_and_times_only_after_warmup():
     """bench_train's timing loop: every stepper warms up first, then each round runs one step of
     each in turn, and only the rounds' steps are timed (so load drift hits both rows alike)."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    try:
-        import bench_train
-    finally:
-        sys.path.pop(0)
+    bench_train = _import_script("bench_train")
     calls = []
 
     def stepper(name, seconds):
@@ -62,3 +66,62 @@ def test_bench_train_interleaves_rounds_and_times_only_after_warmup():
         warmup=1, steps=3, log=lambda s: None)
     assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
     assert times == {"a": [1.0, 2.0, 3.0], "b": [4.0, 5.0, 6.0]}
+
+
+def test_profile_train_sums_device_ops_and_names_their_part(tmp_path):
+    """profile_train's trace reading: HLO instruction times are summed per op of the train-step
+    module; where a GPU device process exists, host-side events of the same op are ignored (they
+    would count the launches twice); each op goes to the part its HLO op_name names."""
+    import gzip
+    pt = _import_script("profile_train")
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        # device kernels: fusion.1 twice (two steps), fusion.2 once; one from another module
+        {"ph": "X", "pid": 2, "dur": 30.0, "name": "k", "args": {"hlo_op": "fusion.1", "hlo_module": "jit_train_step"}},
+        {"ph": "X", "pid": 2, "dur": 20.0, "name": "k", "args": {"hlo_op": "fusion.1", "hlo_module": "jit_train_step"}},
+        {"ph": "X", "pid": 2, "dur": 7.0, "name": "k", "args": {"hlo_op": "fusion.2", "hlo_module": "jit_train_step"}},
+        {"ph": "X", "pid": 2, "dur": 99.0, "name": "k", "args": {"hlo_op": "fusion.1", "hlo_module": "jit_eval_step"}},
+        # the host's launch event of fusion.1 and a python event
+        {"ph": "X", "pid": 1, "dur": 500.0, "name": "launch", "args": {"hlo_op": "fusion.1", "hlo_module": "jit_train_step"}},
+        {"ph": "X", "pid": 1, "dur": 900.0, "name": "PjitFunction(train_step)"},
+    ]
+    trace = tmp_path / "t.trace.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert pt.op_times(str(trace)) == {"fusion.1": 50.0, "fusion.2": 7.0}
+    # CPU traces have no device process: the thunks' events (host threads) are the ops
+    cpu = [e for e in events if e.get("pid") != 2 and e.get("args", {}).get("name") != "/device:GPU:0"]
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": cpu}, f)
+    assert pt.op_times(str(trace)) == {"fusion.1": 500.0}
+
+    hlo = "\n".join([
+        '  %fusion.1 = f32[4]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(train_step)/jvp(Transformer)/closed_call/moe_layers/self_attn/add"}',
+        '  ROOT %fusion.2 = f32[4]{0} fusion(%p), metadata={op_name="jit(train_step)/cond/branch_1_fun/mul"}',
+        '  %copy.3 = f32[4]{0} copy(%p)',
+    ])
+    names = pt.op_names(hlo)
+    assert names == {"fusion.1": "jit(train_step)/jvp(Transformer)/closed_call/moe_layers/self_attn/add",
+                     "fusion.2": "jit(train_step)/cond/branch_1_fun/mul"}
+    parts = {op: pt.part_of(names.get(op)) for op in ("fusion.1", "fusion.2", "copy.3")}
+    assert parts == {"fusion.1": "attention", "fusion.2": "optimizer", "copy.3": "unmapped"}
+    assert pt.part_of("jit(train_step)/transpose(jvp(Transformer))/closed_call/moe_layers/mlp/while") == "moe"
+    assert pt.part_of("jit(train_step)/jvp()/while/body/closed_call/td,dv->tv/dot_general") == "loss"
+    assert pt.part_of("jit(train_step)/transpose(jvp(Transformer))/closed_call/moe_layers/post_mlp_layernorm/mul") == "norms"
+
+
+def test_profile_train_runs_and_splits_the_step_into_parts():
+    p = _run_script("profile_train.py", "--dtype", "float32", "--steps", "1", "--top", "5", "--model",
+                    json.dumps({"num_hidden_layers": 2, "num_experts": 8, "vocab_size": 512}))
+    lines = p.stdout.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("part")))
+    rows = {}
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        name, ms, share, ops = line.rsplit(None, 3)
+        rows[name] = (float(ms), float(share.rstrip("%")), int(ops))
+    assert {"attention", "moe", "optimizer", "loss"} <= set(rows)
+    assert all(ms > 0 and ops > 0 for ms, _, ops in rows.values())
+    assert abs(sum(share for _, share, _ in rows.values()) - 100.0) < 0.5
