@@ -53,6 +53,18 @@ GPU_MODEL = dict(MODEL, vocab_size=32768, hidden_size=1024, intermediate_size=30
 GPU_BATCH, GPU_SEQ = 16, 2048
 
 
+def model_and_shape(ap: argparse.ArgumentParser, size: str, model_json: str) -> tuple[dict, int, int]:
+    """(model fields, batch, seq) of `--size` with the `--model` JSON overrides applied; a bad
+    --model stops the parser `ap` with a message naming the flag."""
+    try:
+        overrides = json.loads(model_json)
+        assert isinstance(overrides, dict)
+    except (ValueError, AssertionError):
+        ap.error(f"--model={model_json!r}: expected a JSON object of model fields")
+    model, batch, seq = (GPU_MODEL, GPU_BATCH, GPU_SEQ) if size == "gpu" else (MODEL, BATCH, SEQ)
+    return {**model, **overrides}, batch, seq
+
+
 def make_batch(model: dict, batch: int, seq: int, seed: int = 0) -> dict:
     """One document per row (no packing, so HF and we see the same attention pattern)."""
     r = np.random.default_rng(seed)
@@ -206,13 +218,7 @@ def main() -> int:
     for name, values, allowed in (("--dtypes", dtypes, SHORT), ("--optimizers", optimizers, ("adamw", "muon"))):
         if not values or any(v not in allowed for v in values):
             ap.error(f"{name}={','.join(values)}: allowed values are {', '.join(allowed)}")
-    try:
-        overrides = json.loads(args.model)
-        assert isinstance(overrides, dict)
-    except (ValueError, AssertionError):
-        ap.error(f"--model={args.model!r}: expected a JSON object of model fields")
-    model, n_batch, seq = ((GPU_MODEL, GPU_BATCH, GPU_SEQ) if args.size == "gpu" else (MODEL, BATCH, SEQ))
-    model = {**model, **overrides}
+    model, n_batch, seq = model_and_shape(ap, args.size, args.model)
     log = (lambda *a: None) if args.quiet else (lambda s: print(s, flush=True))
 
     import jax

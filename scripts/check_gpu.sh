@@ -21,7 +21,13 @@
 # Python: $PYTHON, else python3 (the lent H200 image's python3 has jax with the CUDA plugin and
 # torch, and no network). Wheels under .whl/ (pinned versions of what the image lacks: grain,
 # ml-collections, tensorboardX, portpicker, and our flax/optax/orbax/transformers pins) are
-# installed into /tmp/site first and put ahead on PYTHONPATH.
+# installed into /tmp/site first and put ahead on PYTHONPATH. Fetch them here (pip works on the
+# dev box, not on the GPU machine), then carry .whl in the device call:
+#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
+#     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl flax==0.12.8 \
+#     optax==0.2.8 orbax-checkpoint==0.12.8 grain==0.2.18 array_record==0.8.6 \
+#     ml_collections==1.1.0 tensorboardX==2.6.5 portpicker==1.6.0 transformers==5.24.0
 # Logs: $OUT/<part>.log (or ./gpu_out/; bench_gpu.py adds bench_gpu.txt); the tail of each
 # log is echoed.
 set -uo pipefail

@@ -98,20 +98,13 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25, help="operations listed")
     ap.add_argument("--trace-dir", default="", help="keep the trace here (default: a temp dir)")
     args = ap.parse_args()
-    try:
-        overrides = json.loads(args.model)
-        assert isinstance(overrides, dict)
-    except (ValueError, AssertionError):
-        ap.error(f"--model={args.model!r}: expected a JSON object of model fields")
+    model, n_batch, seq = bt.model_and_shape(ap, args.size, args.model)
     if args.steps < 1:
         ap.error(f"--steps={args.steps}: must be at least 1")
 
     import jax
     from trinity_jax.parallel import rules
 
-    model, n_batch, seq = ((bt.GPU_MODEL, bt.GPU_BATCH, bt.GPU_SEQ) if args.size == "gpu"
-                           else (bt.MODEL, bt.BATCH, bt.SEQ))
-    model = {**model, **overrides}
     run, batch, wd = bt.make_run(bt.make_batch(model, n_batch, seq), model, args.optimizer,
                                  args.dtype)
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="profile_train_")
@@ -135,6 +128,9 @@ def main() -> int:
     if not files:
         raise SystemExit(f"profile_train: no *.trace.json.gz under {trace_dir}")
     times = op_times(files[-1])
+    if not times:
+        raise SystemExit(f"profile_train: no events of train_step with hlo_op/hlo_module args in "
+                         f"{files[-1]} (this jax's trace format is not the one read here)")
     names = op_names(hlo)
     per_step = 1e-3 / args.steps   # µs summed over the steps -> ms per step
     parts, counts = collections.Counter(), collections.Counter()
