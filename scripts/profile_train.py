@@ -2,11 +2,12 @@
 
     .venv/bin/python scripts/profile_train.py [--size bench|gpu] [--dtype bfloat16]
         [--optimizer adamw|muon] [--model JSON] [--steps 2] [--top 25] [--trace-dir DIR]
+        [--hlo FILE]
 
 Builds our train step exactly as ``scripts/bench_train.py`` does (same shapes, presets and
 ``--model`` overrides), runs 2 warm-up steps, records ``--steps`` steps with
 ``jax.profiler``, and sums the recorded time of every XLA operation of the step (CPU: the
-thunks; GPU: the kernels on the device's streams). Each operation is put in a part of the
+thunks, less the time of thunks nested in them; GPU: the kernels on the device's streams). Each operation is put in a part of the
 model by the ``op_name`` that XLA keeps in the compiled HLO's metadata:
 
     attention    self_attn (projections, RoPE, q/k norms, scores, softmax, gate)
@@ -66,21 +67,37 @@ def part_of(op_name: str | None) -> str:
 
 
 def op_times(trace_file: str, module: str = "train_step") -> collections.Counter:
-    """Summed microseconds per HLO instruction of `module` in a jax.profiler trace. Where the
-    trace has GPU device processes, only their events count (host launch events would double)."""
+    """Summed self time (µs) per HLO instruction of `module` in a jax.profiler trace.
+
+    Self time: an event's duration less that of the events nested in it on the same thread (a
+    `while` or conditional thunk on CPU encloses its body's thunks, which are events of their
+    own). Where the trace has GPU device processes, only their events count (host launch
+    events would count the kernels twice)."""
     with gzip.open(trace_file) as f:
         events = json.load(f)["traceEvents"]
     procs = {e["pid"]: e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     device_pids = {pid for pid, name in procs.items() if "/device:" in name and "CPU" not in name}
-    acc = collections.Counter()
+    by_thread = collections.defaultdict(list)
     for e in events:
         args = e.get("args") or {}
         if e.get("ph") != "X" or "hlo_op" not in args or module not in args.get("hlo_module", ""):
             continue
         if device_pids and e["pid"] not in device_pids:
             continue
-        acc[args["hlo_op"]] += e.get("dur", 0.0)
+        by_thread[e["pid"], e.get("tid")].append(e)
+    acc = collections.Counter()
+    for evs in by_thread.values():
+        evs.sort(key=lambda e: (e["ts"], -e.get("dur", 0.0)))
+        stack = []   # [end, op] of the open enclosing events
+        for e in evs:
+            dur = e.get("dur", 0.0)
+            while stack and e["ts"] >= stack[-1][0]:
+                stack.pop()
+            if stack:
+                acc[stack[-1][1]] -= dur          # nested: not the encloser's own time
+            acc[e["args"]["hlo_op"]] += dur
+            stack.append((e["ts"] + dur, e["args"]["hlo_op"]))
     return acc
 
 
@@ -97,6 +114,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2, help="steps recorded")
     ap.add_argument("--top", type=int, default=25, help="operations listed")
     ap.add_argument("--trace-dir", default="", help="keep the trace here (default: a temp dir)")
+    ap.add_argument("--hlo", default="", help="also write the compiled step's HLO text here")
     args = ap.parse_args()
     model, n_batch, seq = bt.model_and_shape(ap, args.size, args.model)
     if args.steps < 1:
@@ -114,6 +132,9 @@ def main() -> int:
             run.state, m = run.train_step(run.state, batch)
             jax.block_until_ready(m["loss"])
         hlo = run.train_step.lower(run.state, batch).compile().as_text()
+        if args.hlo:
+            with open(args.hlo, "w") as f:
+                f.write(hlo)
         jax.profiler.start_trace(trace_dir)
         for _ in range(args.steps):
             t = time.perf_counter()

@@ -78,13 +78,13 @@ def test_profile_train_sums_device_ops_and_names_their_part(tmp_path):
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
         {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
         # device kernels: fusion.1 twice (two steps), fusion.2 once; one from another module
-        {"ph": "X", "pid": 2, "dur": 30.0, "name": "k", "args": {"hlo_op": "fusion.1", "hlo_module": "jit_train_step"}},
-        {"ph": "X", "pid": 2, "dur": 20.0, "name": "k", "args": {"hlo_op": "fusion.1", "hlo_module": "jit_train_step"}},
-        {"ph": "X", "pid": 2, "dur": 7.0, "name": "k", "args": {"hlo_op": "fusion.2", "hlo_module": "jit_train_step"}},
-        {"ph": "X", "pid": 2, "dur": 99.0, "name": "k", "args": {"hlo_op": "fusion.1", "hlo_module": "jit_eval_step"}},
+        {"ph": "X", "pid": 2, "ts": 0.0, "dur": 30.0, "name": "k", "args": {"hlo_op": "fusion.1", "hlo_module": "jit_train_step"}},
+        {"ph": "X", "pid": 2, "ts": 100.0, "dur": 20.0, "name": "k", "args": {"hlo_op": "fusion.1", "hlo_module": "jit_train_step"}},
+        {"ph": "X", "pid": 2, "ts": 200.0, "dur": 7.0, "name": "k", "args": {"hlo_op": "fusion.2", "hlo_module": "jit_train_step"}},
+        {"ph": "X", "pid": 2, "ts": 300.0, "dur": 99.0, "name": "k", "args": {"hlo_op": "fusion.1", "hlo_module": "jit_eval_step"}},
         # the host's launch event of fusion.1 and a python event
-        {"ph": "X", "pid": 1, "dur": 500.0, "name": "launch", "args": {"hlo_op": "fusion.1", "hlo_module": "jit_train_step"}},
-        {"ph": "X", "pid": 1, "dur": 900.0, "name": "PjitFunction(train_step)"},
+        {"ph": "X", "pid": 1, "ts": 0.0, "dur": 500.0, "name": "launch", "args": {"hlo_op": "fusion.1", "hlo_module": "jit_train_step"}},
+        {"ph": "X", "pid": 1, "ts": 600.0, "dur": 900.0, "name": "PjitFunction(train_step)"},
     ]
     trace = tmp_path / "t.trace.json.gz"
     with gzip.open(trace, "wt") as f:
@@ -95,6 +95,17 @@ def test_profile_train_sums_device_ops_and_names_their_part(tmp_path):
     with gzip.open(trace, "wt") as f:
         json.dump({"traceEvents": cpu}, f)
     assert pt.op_times(str(trace)) == {"fusion.1": 500.0}
+    # a CPU while thunk encloses its body's thunks on the same thread: only its own time counts
+    nested = [
+        {"ph": "X", "pid": 1, "tid": 5, "ts": 0.0, "dur": 100.0, "name": "w", "args": {"hlo_op": "while.9", "hlo_module": "jit_train_step"}},
+        {"ph": "X", "pid": 1, "tid": 5, "ts": 10.0, "dur": 30.0, "name": "a", "args": {"hlo_op": "dot.1", "hlo_module": "jit_train_step"}},
+        {"ph": "X", "pid": 1, "tid": 5, "ts": 50.0, "dur": 40.0, "name": "a", "args": {"hlo_op": "dot.1", "hlo_module": "jit_train_step"}},
+        {"ph": "X", "pid": 1, "tid": 5, "ts": 120.0, "dur": 5.0, "name": "b", "args": {"hlo_op": "add.2", "hlo_module": "jit_train_step"}},
+        {"ph": "X", "pid": 1, "tid": 6, "ts": 20.0, "dur": 50.0, "name": "c", "args": {"hlo_op": "add.3", "hlo_module": "jit_train_step"}},
+    ]
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": nested}, f)
+    assert pt.op_times(str(trace)) == {"while.9": 30.0, "dot.1": 70.0, "add.2": 5.0, "add.3": 50.0}
 
     hlo = "\n".join([
         '  %fusion.1 = f32[4]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(train_step)/jvp(Transformer)/closed_call/moe_layers/self_attn/add"}',
