@@ -136,3 +136,16 @@ def test_profile_train_runs_and_splits_the_step_into_parts():
     assert {"attention", "moe", "optimizer", "loss"} <= set(rows)
     assert all(ms > 0 and ops > 0 for ms, _, ops in rows.values())
     assert abs(sum(share for _, share, _ in rows.values()) - 100.0) < 0.5
+
+
+def test_ab_train_builds_copies_in_balanced_order_and_compares_across_copies():
+    """ab_train: every variant is built `copies` times, alternating direction per pass (no
+    variant always first); the summary groups step times by variant across its copies."""
+    ab = _import_script("ab_train")
+    assert ab.balanced_order(["a", "b"], 4) == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert ab.balanced_order(["a", "b", "c"], 2) == ["a", "b", "c", "c", "b", "a"]
+    order = ["a", "b", "b", "a"]
+    times = [[1.0, 3.0, 2.0], [2.0, 2.0, 2.0], [4.0, 4.0, 5.0], [6.0, 6.0, 6.0]]
+    res = ab.summarise(["a", "b"], order, times)
+    assert res["copy_medians"] == {"a": [2.0, 6.0], "b": [2.0, 4.0]}
+    assert res["round_sums"] == {"a": [7.0, 9.0, 8.0], "b": [6.0, 6.0, 7.0]}
