@@ -5,7 +5,8 @@
         [--optimizer adamw] [--size bench|gpu]
 
 Each ``--variant NAME=JSON`` is the bench model (``scripts/bench_train.py``) with those model
-fields overridden. Every variant is built ``--copies`` times, the copies interleaved in a
+fields overridden; a key ``group.field`` overrides another config group's field
+(``{"train.loss_chunk_size": 1024}``). Every variant is built ``--copies`` times, the copies interleaved in a
 balanced order (A B B A A B B A ...), and each round runs one step of every copy in turn.
 
 Why copies: on the 2-core dev box two builds of the *same* step differ by 10-15% for their
@@ -36,14 +37,22 @@ def balanced_order(names: list[str], copies: int) -> list[str]:
     return order
 
 
-def parse_variant(ap: argparse.ArgumentParser, text: str) -> tuple[str, dict]:
+def parse_variant(ap: argparse.ArgumentParser, text: str) -> tuple[str, tuple[dict, dict]]:
+    """NAME=JSON -> (NAME, (model fields, {group: fields} for the `group.field` keys))."""
     name, sep, body = text.partition("=")
     try:
         fields = json.loads(body) if sep else None
         assert isinstance(fields, dict) and name
     except (ValueError, AssertionError):
         ap.error(f"--variant {text!r}: expected NAME=JSON, a JSON object of model fields")
-    return name, fields
+    model, groups = {}, {}
+    for key, value in fields.items():
+        group, dot, field = key.partition(".")
+        if dot:
+            groups.setdefault(group, {})[field] = value
+        else:
+            model[key] = value
+    return name, (model, groups)
 
 
 def summarise(names: list[str], order: list[str], times: list[list[float]]) -> dict:
@@ -80,8 +89,9 @@ def main() -> int:
     order = balanced_order(names, args.copies)
     steppers = []
     for i, name in enumerate(order):
-        step, _, close = bt.ours_stepper(batch, {**base_model, **variants[name]}, args.optimizer,
-                                         args.dtype)
+        model, groups = variants[name]
+        step, _, close = bt.ours_stepper(batch, {**base_model, **model}, args.optimizer,
+                                         args.dtype, groups)
         for _ in range(args.warmup):
             step()
         steppers.append((step, close))
