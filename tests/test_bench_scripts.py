@@ -124,7 +124,9 @@ def test_profile_train_sums_device_ops_and_names_their_part(tmp_path):
 
 def test_profile_train_runs_and_splits_the_step_into_parts():
     p = _run_script("profile_train.py", "--dtype", "float32", "--steps", "1", "--top", "5", "--model",
-                    json.dumps({"num_hidden_layers": 2, "num_experts": 8, "vocab_size": 512}))
+                    json.dumps({"num_hidden_layers": 2, "num_experts": 8, "vocab_size": 512, "hidden_size": 64,
+                                "intermediate_size": 128, "moe_intermediate_size": 32,
+                                "num_attention_heads": 2, "num_key_value_heads": 1}))
     lines = p.stdout.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("part")))
     rows = {}
