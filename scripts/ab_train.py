@@ -87,22 +87,17 @@ def main() -> int:
     base_model, n_batch, seq = bt.model_and_shape(ap, args.size, "{}")
     batch = bt.make_batch(base_model, n_batch, seq)
     order = balanced_order(names, args.copies)
-    steppers = []
+    made = {}
     for i, name in enumerate(order):
         model, groups = variants[name]
-        step, _, close = bt.ours_stepper(batch, {**base_model, **model}, args.optimizer,
-                                         args.dtype, groups)
-        for _ in range(args.warmup):
-            step()
-        steppers.append((step, close))
+        made[f"{name}#{i}"] = bt.ours_stepper(batch, {**base_model, **model}, args.optimizer,
+                                              args.dtype, groups)
         print(f"built copy {i} of {name}", flush=True)
-    times = [[] for _ in order]
-    for _ in range(args.rounds):
-        for i, (step, _) in enumerate(steppers):
-            times[i].append(step()[0])
-    for _, close in steppers:
+    by_copy = bt.run_interleaved({k: m[0] for k, m in made.items()}, args.warmup, args.rounds,
+                                 log=lambda s: None)
+    for _, _, close in made.values():
         close()
-    res = summarise(names, order, times)
+    res = summarise(names, order, list(by_copy.values()))
     print(f"\n{args.size} model, {args.dtype}, {args.optimizer}; {args.copies} copies x "
           f"{args.rounds} rounds; step seconds")
     print(f"{'variant':<16}{'mean of copy medians':>22}   copies' medians")

@@ -99,17 +99,16 @@ def make_run(batch, model: dict, hidden_optimizer: str, dtype: str = "float32",
              groups: dict | None = None):
     """Our train run (trinity_jax.train.loop.setup) on a fixed `batch`, in a temporary workdir
     -> (run, the batch on the run's devices, the TemporaryDirectory). `groups` overrides fields
-    of other config groups: {"train": {"loss_chunk_size": 256}, ...}."""
+    of any config group, over the bench's own: {"train": {"loss_chunk_size": 256}, ...}."""
     from trinity_jax.config import from_config_dict
     from trinity_jax.train import loop
 
     b, s = batch["inputs"].shape
+    base = {"model": {**model, "dtype": dtype},
+            "train": dict(batch_size=b, seq_len=s, steps=10 ** 6, peak_flops=1.0),
+            "optim": dict(warmup_steps=10, hidden_optimizer=hidden_optimizer, ns_dtype=dtype)}
     groups = groups or {}
-    cfg = from_config_dict({
-        **groups, "model": {**model, "dtype": dtype},
-        "train": dict(batch_size=b, seq_len=s, steps=10 ** 6, peak_flops=1.0, **groups.get("train", {})),
-        "optim": dict(warmup_steps=10, hidden_optimizer=hidden_optimizer, ns_dtype=dtype,
-                      **groups.get("optim", {}))})
+    cfg = from_config_dict({g: {**base.get(g, {}), **groups.get(g, {})} for g in {*base, *groups}})
     wd = tempfile.TemporaryDirectory()
     run = loop.setup(cfg, wd.name, data=_FixedBatch(batch), log=lambda *a: None)
     return run, run.to_device(batch), wd

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trinity_jax.model.mlp import dot_nn
+
 __all__ = ["MetricsWriter", "to_python", "flops_per_token", "measure_matmul_peak",
            "peak_flops_total", "plot_losses", "plot_expert_load"]
 
@@ -123,7 +125,7 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 3, dtype=jnp.float32) -> f
     with a bf16 result ~5x slower (upcast to an f32 dot), which would understate the peak.
     Random operands: a GPU's matrix units run measurably faster on constant data."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    f = jax.jit(dot_nn)
     f(a, a).block_until_ready()
     best = math.inf
     for _ in range(repeats):
