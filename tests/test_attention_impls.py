@@ -10,8 +10,8 @@ import pytest
 
 from trinity_jax.config import model_config
 from trinity_jax.model import Transformer, init_variables
-from trinity_jax.model.attention import (apply_rope, attention_mask, causal_block_attention,
-                                         dot_product_attention, local_block_attention, resolve_attention_impl, rope_frequencies,
+from trinity_jax.model.attention import (_kv_windows, _with_previous, apply_rope, attention_mask,
+                                         causal_block_attention, dot_product_attention, local_block_attention, resolve_attention_impl, rope_frequencies,
                                          rope_tables)
 
 
@@ -136,6 +136,22 @@ def test_apply_rope_custom_vjp_equals_autodiff_and_rounds_bf16_once():
     np.testing.assert_array_equal(outb, apply_rope(xb.astype(jnp.float32), cos, sin).astype(jnp.bfloat16))
     np.testing.assert_array_equal(vjpb(gb)[0], vjp(gb.astype(jnp.float32))[0].astype(jnp.bfloat16))
     np.testing.assert_array_equal(apply_rope(x, jnp.ones_like(cos), jnp.zeros_like(sin)), x)
+
+
+def test_kv_windows_backward_sums_each_blocks_copies_in_fp32_once():
+    """Local attention's key/value windows (each block with its `split` predecessors): the
+    custom backward equals autodiff of the plain windowing in fp32 (exactly: each block's
+    cotangent is a sum of ≤ 3 copies) and, in bf16, is that fp32 sum rounded once."""
+    a = jax.random.normal(jax.random.key(0), (2, 3, 5, 4, 8))          # [b, h, n blocks, c, dh]
+    for split in (1, 2):
+        g = jax.random.normal(jax.random.key(split), (2, 3, 5, 4 * (split + 1), 8))
+        out, vjp = jax.vjp(lambda a: _kv_windows(a, split), a)
+        want, want_vjp = jax.vjp(lambda a: _with_previous(a, 2, split), a)
+        np.testing.assert_array_equal(out, want)
+        np.testing.assert_allclose(vjp(g)[0], want_vjp(g)[0], rtol=1e-6, atol=1e-6)
+        gb = g.astype(jnp.bfloat16)
+        _, vjpb = jax.vjp(lambda a: _kv_windows(a, split), a.astype(jnp.bfloat16))
+        np.testing.assert_array_equal(vjpb(gb)[0], want_vjp(gb.astype(jnp.float32))[0].astype(jnp.bfloat16))
 
 
 def test_rope_tables_equal_the_frequencies_and_are_computed_once_per_forward():

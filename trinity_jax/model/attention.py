@@ -1,6 +1,8 @@
 """Gated GQA attention with QK-norm, RoPE on local layers and NoPE on global layers (SPEC §1.4)."""
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -230,22 +232,56 @@ def local_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
                                           constant_values=value)
         q, k, v, segment_ids = padt(q), padt(k), padt(v), padt(segment_ids, -1)
     n = (t + pad) // c
-
-    def with_previous(a, axis, fill=0):   # blocks on `axis` -> blocks i-split..i, on axis+1
-        lead = jnp.full_like(jax.lax.slice_in_dim(a, 0, 1, axis=axis), fill)
-        padded = jnp.concatenate([lead] * split + [a], axis=axis)
-        return jnp.concatenate([jax.lax.slice_in_dim(padded, j, j + n, axis=axis)
-                                for j in range(split + 1)], axis=axis + 1)
-
     hkv = k.shape[2]
     # heads-first, then blocks: q [b, hkv, n, c·g, dh], k/v [b, hkv, n, w+c, dh], mask [b, 1, n, c, w+c]
     qb = _rows(q, hkv).reshape(b, hkv, n, -1, dh)
-    kv_blocks = lambda a: with_previous(jnp.moveaxis(a, 2, 1).reshape(b, hkv, n, c, dh), 2)  # noqa: E731
+    kv_blocks = lambda a: _kv_windows(jnp.moveaxis(a, 2, 1).reshape(b, hkv, n, c, dh), split)  # noqa: E731
     index = jnp.broadcast_to(jnp.arange(n * c, dtype=jnp.int32), (b, n * c)).reshape(b, n, c)
     qseg = segment_ids.reshape(b, n, c)
-    mask = attention_mask(index, with_previous(index, 1), qseg, with_previous(qseg, 1, -2), w)
+    mask = attention_mask(index, _with_previous(index, 1, split), qseg,
+                          _with_previous(qseg, 1, split, -2), w)
     out = _attention(qb, kv_blocks(k), kv_blocks(v), mask[:, None])[0]       # [b, hkv, n, c·g, dh]
     return _unrows(out.reshape(b, hkv, -1, dh), n * c)[:, :t]
+
+
+def _with_previous(a: jax.Array, axis: int, split: int, fill=0) -> jax.Array:
+    """Blocks on `axis` -> for each block i, blocks i − split, ..., i side by side on axis + 1
+    (`fill` before block 0)."""
+    n = a.shape[axis]
+    lead = jnp.full_like(jax.lax.slice_in_dim(a, 0, 1, axis=axis), fill)
+    padded = jnp.concatenate([lead] * split + [a], axis=axis)
+    return jnp.concatenate([jax.lax.slice_in_dim(padded, j, j + n, axis=axis)
+                            for j in range(split + 1)], axis=axis + 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _kv_windows(a: jax.Array, split: int) -> jax.Array:
+    """Key/value blocks [b, h, n, c, dh] -> windows [b, h, n, (split+1)·c, dh] (`_with_previous`
+    on the block axis, zeros before block 0).
+
+    Custom VJP: each block's cotangent is the sum of its split + 1 copies, added in fp32 and
+    rounded once. Autodiff added them in the compute dtype, rounding after every pad and sum,
+    and XLA:CPU ran that chain of conversions as one loop with the heads' transpose."""
+    return _with_previous(a, 2, split)
+
+
+def _kv_windows_fwd(a, split):
+    return _kv_windows(a, split), None
+
+
+def _kv_windows_bwd(split, _, g):
+    c = g.shape[3] // (split + 1)
+    zeros = [(0, 0)] * g.ndim
+    da = None
+    for j in range(split + 1):          # part j of window i is block i - (split - j)
+        shift = split - j
+        part = g[:, :, shift:, j * c:(j + 1) * c].astype(jnp.float32)
+        part = jnp.pad(part, zeros[:2] + [(0, shift)] + zeros[3:]) if shift else part
+        da = part if da is None else da + part
+    return (da.astype(g.dtype),)
+
+
+_kv_windows.defvjp(_kv_windows_fwd, _kv_windows_bwd)
 
 
 def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
