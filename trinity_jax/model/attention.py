@@ -191,8 +191,10 @@ def _attention_bwd(res, cts):
     probs = _probs(q, k, mask, lse)
     dp = jnp.einsum("...rd,...sd->...rs", dout, v, preferred_element_type=f32)
     delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
-    ds = (probs * (dp - delta) * (dh ** -0.5)).astype(q.dtype)
-    dq = jnp.einsum("...rs,...sd->...rd", ds, k, preferred_element_type=f32)
+    # dS without the softmax scale: it goes on dQ and dK ([.., dh]-sized). On the scores,
+    # XLA:CPU materialised it as a score-sized fp32 constant for the library's fused kernel.
+    ds = (probs * (dp - delta)).astype(q.dtype)
+    dq = jnp.einsum("...rs,...sd->...rd", ds, k, preferred_element_type=f32) * (dh ** -0.5)
     p = probs.astype(v.dtype)
     if f32_result_dots(q.dtype):
         # dV = Pᵀ dO and dK = dSᵀ Q contract the rows, which XLA:CPU upcasts to f32 dots in
@@ -202,7 +204,7 @@ def _attention_bwd(res, cts):
     else:
         dv = jnp.einsum("...rs,...rd->...sd", p, dout, preferred_element_type=f32)
         dk = jnp.einsum("...rs,...rd->...sd", ds, q, preferred_element_type=f32)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    return dq.astype(q.dtype), (dk * (dh ** -0.5)).astype(k.dtype), dv.astype(v.dtype), None
 
 
 _attention_core.defvjp(_attention_fwd, _attention_bwd)
