@@ -155,3 +155,33 @@ def test_ab_train_builds_copies_in_balanced_order_and_compares_across_copies():
     name, (model, groups) = ab.parse_variant(
         argparse.ArgumentParser(), 'x={"scan_unroll": 1, "train.loss_chunk_size": 256}')
     assert (name, model, groups) == ("x", {"scan_unroll": 1}, {"train": {"loss_chunk_size": 256}})
+
+
+def test_ab_layer_stands_the_old_modules_names_in_and_restores_them():
+    """While an old copy is built, the old file's names replace the new module's (functions
+    that look them up by name see the old ones); afterwards the module is as it was."""
+    import types
+
+    ab_layer = _import_script("ab_layer")
+    new, old = types.ModuleType("new_mod"), types.ModuleType("old_mod")
+    exec("a = 1\ndef get():\n    return a\n", vars(new))
+    exec("a = 2\nonly_old = 3\n", vars(old))
+    get = new.get
+    with ab_layer.standing_in(new, old):
+        assert (new.a, get(), new.only_old) == (2, 2, 3)
+    assert (new.a, get(), hasattr(new, "only_old")) == (1, 1, False)
+
+
+def test_ab_layer_compares_a_layer_with_its_version_at_a_revision():
+    """A tiny MoE layer against moe.py at HEAD: both versions run, and the same file gives the
+    same loss and gradients (difference 0); a bad revision is refused by name."""
+    tiny = json.dumps({"hidden_size": 32, "moe_intermediate_size": 16, "num_experts": 8,
+                       "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
+    p = _run_script("ab_layer.py", "--layer", "moe", "--copies", "1", "--rounds", "2",
+                    "--batch", "2", "--seq", "32", "--model", tiny)
+    assert "speed-up new vs old:" in p.stdout
+    assert p.stdout.rstrip().endswith("largest difference in loss and gradients: 0"), p.stdout
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "ab_layer.py"), "--layer", "moe",
+                          "--rev", "no-such-revision"], env=subprocess_env(1), cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--rev 'no-such-revision'" in bad.stderr, bad.stderr[-2000:]
