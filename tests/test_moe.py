@@ -15,7 +15,7 @@ from _hlo import computations, dot_operand_dtypes, loop_computations, while_bodi
 from trinity_jax.config import model_config
 from trinity_jax.model import Transformer, init_variables
 from trinity_jax.model.moe import (ExpertWeights, available_moe_impls, block_plan, capacity_keep, get_moe_impl,
-                                   route, sequence_balance)
+                                   route, sequence_balance, sort_slots)
 
 # pallas (interpret mode, slow on CPU) is covered by tests/test_moe_pallas.py
 IMPLS = [n for n in available_moe_impls() if n not in ("dense_reference", "pallas")]
@@ -83,6 +83,25 @@ def test_bias_changes_selection_but_not_weights_formula():
     w1, e1, _ = route(logits, jnp.array([0.0, 0.0, 0.0, 5.0]), 1, 1.0)
     assert int(e0[0, 0]) == 0 and int(e1[0, 0]) == 3
     np.testing.assert_allclose(w1, [[1.0]])              # normalised unbiased score of the chosen expert
+
+
+def test_sort_slots_is_numpys_stable_argsort_on_both_paths():
+    """The slots grouped by expert, ties in slot order: numpy's stable argsort, on the one-key
+    sort path (expert·N + slot fits int32) and on the argsort fallback; ranks and group sizes
+    from the same order."""
+    experts = jax.random.randint(jax.random.key(3), (97, 4), 0, 13).astype(jnp.int32)
+    flat = np.asarray(experts).reshape(-1)
+    want = np.argsort(flat, kind="stable")
+    one_key = sort_slots(experts, 13)
+    fallback = sort_slots(experts, 2 ** 31 // flat.size + 1)     # expert·N + slot would overflow
+    for got in (one_key, fallback):
+        np.testing.assert_array_equal(got.order, want)
+        np.testing.assert_array_equal(np.asarray(got.order)[got.inverse], np.arange(flat.size))
+    np.testing.assert_array_equal(one_key.group_sizes, np.bincount(flat, minlength=13))
+    ranks = np.empty_like(flat)
+    for e in range(13):
+        ranks[flat == e] = np.arange((flat == e).sum())
+    np.testing.assert_array_equal(one_key.rank, ranks)
 
 
 def test_capacity_drops_deterministically_and_reports_fraction():

@@ -60,7 +60,13 @@ class SlotOrder(NamedTuple):
 def sort_slots(experts: jax.Array, num_experts: int) -> SlotOrder:
     flat = experts.reshape(-1)
     n = flat.shape[0]
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    if n * max(num_experts, 1) < 2 ** 31:
+        # One int32 key per slot, expert·N + slot: unique, so any sort is the stable one. XLA:CPU
+        # sorts one key array ~4x faster than argsort's (key, index) pairs (16384 slots: 1.1-1.3
+        # against 5.3 ms).
+        order = jax.lax.sort(flat * n + jnp.arange(n, dtype=jnp.int32)) % n
+    else:
+        order = jnp.argsort(flat, stable=True).astype(jnp.int32)
     inverse = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
     group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
     offsets = jnp.cumsum(group_sizes) - group_sizes
