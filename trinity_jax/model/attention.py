@@ -54,34 +54,34 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return _rope(x, cos, sin)
 
 
-def _rotate_half(x: jax.Array, sign: float) -> jax.Array:
-    """[x1, x2] -> [-x2, x1] (sign 1: the rotation) or [x2, -x1] (sign -1: its transpose)."""
+def _rotate_half(x: jax.Array, transpose: bool = False) -> jax.Array:
+    """[x1, x2] -> [-x2, x1] (the rotation), or [x2, -x1] (its transpose)."""
     half = x.shape[-1] // 2
-    return jnp.concatenate([-sign * x[..., half:], sign * x[..., :half]], axis=-1)
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x2, -x1] if transpose else [-x2, x1], axis=-1)
 
 
-def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, sign: float) -> jax.Array:
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, transpose: bool = False) -> jax.Array:
+    """x·cos + rot(x)·sin, or its transpose g·cos + rotᵀ(g·sin), in fp32 -> x's dtype."""
     f32 = jnp.float32
-    c, s = cos[:, :, None, :].astype(f32), sin[:, :, None, :].astype(f32)
-    if sign > 0:   # x·c + rot(x)·s
-        out = x.astype(f32) * c + _rotate_half(x.astype(f32), 1.0) * s
-    else:          # transpose: g·c + rotᵀ(g·s)
-        out = x.astype(f32) * c + _rotate_half(x.astype(f32) * s, -1.0)
-    return out.astype(x.dtype)
+    xf, c, s = x.astype(f32), cos[:, :, None, :].astype(f32), sin[:, :, None, :].astype(f32)
+    if transpose:
+        return (xf * c + _rotate_half(xf * s, transpose=True)).astype(x.dtype)
+    return (xf * c + _rotate_half(xf) * s).astype(x.dtype)
 
 
 @jax.custom_vjp
 def _rope(x, cos, sin):
-    return _rotate(x, cos, sin, 1.0)
+    return _rotate(x, cos, sin)
 
 
 def _rope_fwd(x, cos, sin):
-    return _rotate(x, cos, sin, 1.0), (cos, sin)
+    return _rotate(x, cos, sin), (cos, sin)
 
 
 def _rope_bwd(res, g):
     cos, sin = res
-    return _rotate(g, cos, sin, -1.0), None, None    # the tables are functions of positions
+    return _rotate(g, cos, sin, transpose=True), None, None   # tables: functions of positions
 
 
 _rope.defvjp(_rope_fwd, _rope_bwd)
