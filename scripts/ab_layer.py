@@ -79,7 +79,8 @@ class standing_in:
 
 
 def layer_step(module, layer: str, cfg, batch: int, seq: int):
-    """-> (call() that runs one jitted forward+backward, (loss, grads) of the first call)."""
+    """-> (step() -> (seconds, loss) of one jitted forward+backward, as bench_train's steppers;
+    (loss, grads) of the first, compiling call)."""
     import jax
     import jax.numpy as jnp
 
@@ -106,7 +107,12 @@ def layer_step(module, layer: str, cfg, batch: int, seq: int):
             return jnp.sum(m.apply(p, x, is_global, rope, seg).astype(jnp.float32) ** 2)
     f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     first = jax.block_until_ready(f(params, x))
-    return (lambda: jax.block_until_ready(f(params, x))), first
+
+    def step():
+        t = time.perf_counter()
+        value, _ = jax.block_until_ready(f(params, x))
+        return time.perf_counter() - t, float(value)
+    return step, first
 
 
 def max_difference(a, b) -> float:
@@ -139,32 +145,25 @@ def main(argv=None) -> int:
 
     import importlib
 
-    from trinity_jax.config import from_config_dict
-    cfg = from_config_dict({"model": {**fields, "dtype": args.dtype}}).model
+    from trinity_jax.config import model_config
+    cfg = model_config(**{**fields, "dtype": args.dtype})
     path = FILES[args.layer]
     new = importlib.import_module(path[:-3].replace("/", "."))
     old = load_at_revision(args.rev, path, f"{new.__name__}_at_{args.rev.replace('~', '_')}")
     names = ["old", "new"]
     order = ab_train.balanced_order(names, args.copies)
-    calls, firsts = [], {}
-    for name in order:
+    steps, firsts = {}, {}
+    for i, name in enumerate(order):
         if name == "old":
             with standing_in(new, old):
-                call, first = layer_step(old, args.layer, cfg, args.batch, args.seq)
+                steps[i], first = layer_step(old, args.layer, cfg, args.batch, args.seq)
         else:
-            call, first = layer_step(new, args.layer, cfg, args.batch, args.seq)
-        calls.append(call)
+            steps[i], first = layer_step(new, args.layer, cfg, args.batch, args.seq)
         firsts.setdefault(name, first)
-    times = [[] for _ in calls]
-    for _ in range(args.rounds):
-        for i, call in enumerate(calls):
-            t = time.perf_counter()
-            call()
-            times[i].append(time.perf_counter() - t)
-    res = ab_train.summarise(names, order, times)
+    times = bt.run_interleaved(steps, 0, args.rounds, log=lambda s: None)   # built = compiled
+    res = ab_train.summarise(names, order, list(times.values()))
     med = {n: [1e3 * m for m in res["copy_medians"][n]] for n in names}
-    ratio = statistics.mean(med["old"]) / statistics.mean(med["new"])
-    per_round = statistics.median(a / b for a, b in zip(res["round_sums"]["old"], res["round_sums"]["new"]))
+    ratio, per_round, _ = ab_train.compare(res, "old", "new")
     print(f"{args.layer}, {args.dtype}, {args.batch} x {args.seq} tokens, forward+backward; "
           f"old = {path} at {args.rev}, new = working tree; {args.copies} copies x {args.rounds} rounds")
     for n in names:

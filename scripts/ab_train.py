@@ -64,6 +64,17 @@ def summarise(names: list[str], order: list[str], times: list[list[float]]) -> d
     return {"copy_medians": med, "round_sums": per_round}
 
 
+def compare(res: dict, base: str, other: str) -> tuple[float, float, float]:
+    """(speed-up of `other` over `base`: the ratio of the means of the copies' medians; the
+    median over rounds of the per-round ratio of summed times; the largest spread between one
+    variant's copies) from a `summarise` result."""
+    med, sums = res["copy_medians"], res["round_sums"]
+    ratio = statistics.mean(med[base]) / statistics.mean(med[other])
+    per_round = statistics.median(a / b for a, b in zip(sums[base], sums[other]))
+    spread = max(max(med[k]) / min(med[k]) for k in (base, other))
+    return ratio, per_round, spread
+
+
 def main() -> int:
     from trinity_jax.malloc_env import reexec_with_hugepages
     reexec_with_hugepages()
@@ -106,9 +117,7 @@ def main() -> int:
         print(f"{n:<16}{statistics.mean(m):22.3f}   " + " ".join(f"{x:.3f}" for x in m))
     base = names[0]
     for n in names[1:]:
-        ratio = statistics.mean(res["copy_medians"][base]) / statistics.mean(res["copy_medians"][n])
-        paired = statistics.median(a / b for a, b in zip(res["round_sums"][base], res["round_sums"][n]))
-        spread = max(max(res["copy_medians"][k]) / min(res["copy_medians"][k]) for k in (base, n))
+        ratio, paired, spread = compare(res, base, n)
         print(f"speed-up {n} vs {base}: {ratio:.3f}x (per-round sums {paired:.3f}x); "
               f"copies of one variant differ by up to {spread:.2f}x")
     return 0

@@ -11,8 +11,8 @@ import pytest
 from trinity_jax.config import model_config
 from trinity_jax.model import Transformer, init_variables
 from trinity_jax.model.attention import (_kv_windows, _with_previous, apply_rope, attention_mask,
-                                         causal_block_attention, dot_product_attention, local_block_attention, resolve_attention_impl, rope_frequencies,
-                                         rope_tables)
+                                         causal_block_attention, dot_product_attention, local_block_attention,
+                                         resolve_attention_impl, rope_frequencies, rope_tables)
 
 
 def _qkv(b, t, hq, hkv, dh, seed=0):

@@ -151,6 +151,8 @@ def test_ab_train_builds_copies_in_balanced_order_and_compares_across_copies():
     res = ab.summarise(["a", "b"], order, times)
     assert res["copy_medians"] == {"a": [2.0, 6.0], "b": [2.0, 4.0]}
     assert res["round_sums"] == {"a": [7.0, 9.0, 8.0], "b": [6.0, 6.0, 7.0]}
+    ratio, per_round, spread = ab.compare(res, "a", "b")   # b's speed-up over a
+    assert (ratio, per_round, spread) == (4.0 / 3.0, 7.0 / 6.0, 3.0)
     import argparse
     name, (model, groups) = ab.parse_variant(
         argparse.ArgumentParser(), 'x={"scan_unroll": 1, "train.loss_chunk_size": 256}')
