@@ -128,6 +128,7 @@ def main(argv=None) -> int:
         reexec_with_hugepages()
     import ab_train
     import bench_train as bt
+    from trinity_jax.train.metrics import describe_host
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layer", choices=sorted(FILES), required=True)
@@ -164,6 +165,7 @@ def main(argv=None) -> int:
     res = ab_train.summarise(names, order, list(times.values()))
     med = {n: [1e3 * m for m in res["copy_medians"][n]] for n in names}
     ratio, per_round, _ = ab_train.compare(res, "old", "new")
+    print(describe_host())
     print(f"{args.layer}, {args.dtype}, {args.batch} x {args.seq} tokens, forward+backward; "
           f"old = {path} at {args.rev}, new = working tree; {args.copies} copies x {args.rounds} rounds")
     for n in names:

@@ -79,6 +79,7 @@ def main() -> int:
     from trinity_jax.malloc_env import reexec_with_hugepages
     reexec_with_hugepages()
     import bench_train as bt
+    from trinity_jax.train.metrics import describe_host
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", action="append", default=[], help="NAME=JSON (at least two)")
@@ -109,7 +110,8 @@ def main() -> int:
     for _, _, close in made.values():
         close()
     res = summarise(names, order, list(by_copy.values()))
-    print(f"\n{args.size} model, {args.dtype}, {args.optimizer}; {args.copies} copies x "
+    print(f"\n{describe_host()}")
+    print(f"{args.size} model, {args.dtype}, {args.optimizer}; {args.copies} copies x "
           f"{args.rounds} rounds; step seconds")
     print(f"{'variant':<16}{'mean of copy medians':>22}   copies' medians")
     for n in names:

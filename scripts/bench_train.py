@@ -227,7 +227,7 @@ def main() -> int:
     log = (lambda *a: None) if args.quiet else (lambda s: print(s, flush=True))
 
     import jax
-    from trinity_jax.train.metrics import measure_matmul_peak
+    from trinity_jax.train.metrics import describe_host, host_cpu, measure_matmul_peak
 
     backend = jax.default_backend()
     device = {"cpu": "cpu", "gpu": "cuda"}.get(backend)
@@ -239,7 +239,7 @@ def main() -> int:
         return {dt: measure_matmul_peak(n=n_peak, repeats=3 if backend == "cpu" else 10, dtype=dt) for dt in dtypes}
 
     peaks = [peaks_now()]
-    log(f"JAX backend {backend} ({jax.devices()[0].device_kind}); matmul peaks ({n_peak}³): "
+    log(f"JAX backend {describe_host()}; matmul peaks ({n_peak}³): "
         + ", ".join(f"{SHORT[dt]} {p / 1e9:.1f} GFLOP/s" for dt, p in peaks[0].items()))
     batch = make_batch(model, n_batch, seq)
     made, hf_of = {}, {}
@@ -262,9 +262,10 @@ def main() -> int:
         info = made[name][1]
         rows[name] = {**info, "step_s": step_s, "step_times_s": ts,
                       "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * fpt / peak[info["dtype"]]}
-    res = {"backend": backend, "config": model, "batch": [n_batch, seq], "peak_flops": peak, "peaks_flops": peaks,
+    res = {"backend": backend, "host_cpu": host_cpu() if backend == "cpu" else None, "config": model, "batch": [n_batch, seq], "peak_flops": peak, "peaks_flops": peaks,
            "rows": rows}
-    print(f"\ntrain FLOPs/token {fpt / 1e6:.1f}M; median of {args.steps} interleaved rounds after "
+    print(f"\n{describe_host()}")
+    print(f"train FLOPs/token {fpt / 1e6:.1f}M; median of {args.steps} interleaved rounds after "
           f"{args.warmup} warm-up; MFU of each dtype's {n_peak}³ matmul peak (mean of start and end):")
     for dt in dtypes:
         print(f"  {SHORT[dt]} peak {peak[dt] / 1e9:.1f} GFLOP/s (start {peaks[0][dt] / 1e9:.1f}, "

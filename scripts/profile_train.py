@@ -122,6 +122,7 @@ def main() -> int:
 
     import jax
     from trinity_jax.parallel import rules
+    from trinity_jax.train.metrics import describe_host
 
     run, batch, wd = bt.make_run(bt.make_batch(model, n_batch, seq), model, args.optimizer,
                                  args.dtype)
@@ -159,7 +160,7 @@ def main() -> int:
         parts[part_of(names.get(op))] += us
         counts[part_of(names.get(op))] += 1
     total = sum(parts.values())
-    print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), size {args.size}, "
+    print(f"{describe_host()}, size {args.size}, "
           f"{args.dtype}, {args.optimizer}; wall per step {min(walls) * 1e3:.1f} ms (best of "
           f"{args.steps}); recorded op time per step {total * per_step:.1f} ms; trace {files[-1]}")
     print(f"{'part':<12}{'ms/step':>10}{'share':>8}{'ops':>7}")

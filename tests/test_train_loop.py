@@ -158,3 +158,24 @@ def test_mfu_peak_is_measured_in_the_model_compute_dtype(monkeypatch, tmp_path):
     loop.setup(cfg, str(tmp_path), data=SyntheticData(64, 32, steps=STEPS), log=lines.append).writer.close()
     assert [jax.numpy.dtype(d).name for d in seen] == ["bfloat16"]
     assert any("measured bfloat16 2048³ matmul" in line for line in lines), lines
+
+
+def test_host_cpu_names_the_model_and_the_bf16_matmul_isa(tmp_path):
+    """Speed figures are tagged with the host: AMX outranks AVX-512 BF16, which outranks none;
+    the first core's fields are read; an unreadable file gives "unknown", not an error."""
+    from trinity_jax.train.metrics import host_cpu
+
+    def info(model, flags):
+        core = f"processor\t: 0\nmodel name\t: {model}\nflags\t\t: {flags}\n\n"
+        path = tmp_path / f"cpuinfo{len(list(tmp_path.iterdir()))}"
+        path.write_text(core + core.replace("processor\t: 0", "processor\t: 1").replace(model, "other"))
+        return host_cpu(str(path))
+
+    intel = info("Intel(R) Xeon(R) Platinum 8488C", "fpu sse avx512f avx512_bf16 amx_bf16 amx_tile")
+    amd = info("AMD EPYC 9R14", "fpu sse avx512f avx512_bf16 avx512_vnni")
+    old = info("Intel(R) Xeon(R) CPU E5-2686 v4", "fpu sse avx2 fma")
+    assert (intel["model"], intel["bf16_matmul"]) == ("Intel(R) Xeon(R) Platinum 8488C", "amx_bf16")
+    assert (amd["model"], amd["bf16_matmul"]) == ("AMD EPYC 9R14", "avx512_bf16")
+    assert old["bf16_matmul"] == "none"
+    assert host_cpu(str(tmp_path / "missing")) == {"model": "unknown", "cores": os.cpu_count(),
+                                                   "bf16_matmul": "unknown"}

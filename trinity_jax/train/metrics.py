@@ -14,7 +14,7 @@ import numpy as np
 
 from trinity_jax.model.mlp import dot_nn
 
-__all__ = ["MetricsWriter", "to_python", "flops_per_token", "measure_matmul_peak",
+__all__ = ["MetricsWriter", "to_python", "flops_per_token", "measure_matmul_peak", "host_cpu", "describe_host",
            "peak_flops_total", "plot_losses", "plot_expert_load"]
 
 
@@ -133,6 +133,40 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 3, dtype=jnp.float32) -> f
         f(a, a).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2.0 * n ** 3 / best
+
+
+def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """The host CPU a CPU measurement ran on: {"model", "cores", "bf16_matmul"}.
+
+    Sessions here land on different hosts, and the bf16 matmul peak follows the instruction
+    set (`amx_bf16` tiles on Intel, `avx512_bf16` dot products on AMD Zen 4: the 2048³ bf16
+    peak on 2 cores was 525-1,380 GFLOP/s in sessions whose host went unrecorded, 350-390 on
+    a Zen 4 host), so a speed figure is only comparable with others from the same kind of
+    host. Where the file cannot be read, model and ISA are "unknown"."""
+    model, flags = "unknown", set()
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        return {"model": model, "cores": os.cpu_count(), "bf16_matmul": "unknown"}
+    isa = next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), "none")
+    return {"model": model, "cores": os.cpu_count(), "bf16_matmul": isa}
+
+
+def describe_host() -> str:
+    """One line naming the JAX backend and, on CPU, the host CPU (see host_cpu)."""
+    backend = jax.default_backend()
+    line = f"{backend} ({jax.devices()[0].device_kind})"
+    if backend == "cpu":
+        cpu = host_cpu()
+        line += f"; host {cpu['model']}, {cpu['cores']} cores, bf16 matmul ISA {cpu['bf16_matmul']}"
+    return line
 
 
 def peak_flops_total(train_cfg, dtype=jnp.float32) -> tuple[float, str]:
