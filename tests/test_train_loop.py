@@ -179,3 +179,23 @@ def test_host_cpu_names_the_model_and_the_bf16_matmul_isa(tmp_path):
     assert old["bf16_matmul"] == "none"
     assert host_cpu(str(tmp_path / "missing")) == {"model": "unknown", "cores": os.cpu_count(),
                                                    "bf16_matmul": "unknown"}
+
+
+def test_batch_ramp_switches_size_at_the_token_threshold_and_compiles_once_per_size(tmp_path):
+    """train.batch_ramp in a real run: 8 sequences of 32 tokens until 3 steps' tokens (768) have
+    been seen, then 16; the jitted step is compiled exactly once per batch size (2), and every
+    step's tokens are counted."""
+    ramp_at = 3 * 8 * 32
+    cfg = from_config_dict({**TINY, "train": {**TINY["train"], "steps": 6, "log_every": 1,
+                                              "eval_every": 0, "batch_ramp": [[ramp_at, 16]]}})
+    run = loop.setup(cfg, str(tmp_path), data=SyntheticData(64, 32, steps=6), log=lambda *a: None)
+    loop.run_loop(run)
+    recs = _records(str(tmp_path))
+    assert [r["batch_size"] for r in recs] == [8, 8, 8, 16, 16, 16]
+    assert [r["tokens_seen"] for r in recs] == [256, 512, 768, 1280, 1792, 2304]
+    assert run.train_step._cache_size() == 2
+    # the last step's clock stops when its own metrics arrive: it used to run from the previous
+    # step's logging, done after the last step had finished, which gave 38x the tokens/s before
+    last, before = recs[-1]["tokens_per_s"], recs[-2]["tokens_per_s"]
+    print("tokens/s of the last steps", before, last)
+    assert last < 10 * before

@@ -175,14 +175,14 @@ def run_loop(run: Run, callbacks: Sequence[Callback] = ()) -> dict:
     from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=start, disable=not run.is_main, dynamic_ncols=True,
                unit="step", desc="train")
-    pending = None               # (step_done, metrics, phase, batch_size): fetched one step late
+    pending = None               # (step_done, metrics, phase, batch_size, tokens_seen): fetched one step late
     window = {"t": None, "tokens": 0}
     consecutive_bad, counts_acc, last = 0, None, {}
     evals: dict[int, dict] = {}  # step -> validation metrics, evaluated right after that step
 
     def process(item, force_log: bool):
         nonlocal consecutive_bad, counts_acc, last
-        done, m, phase, bs = item
+        done, m, phase, bs, seen = item
         host = metrics_lib.to_python({k: m[k] for k in _LOGGED + ("counts",)})
         counts = np.asarray(host.pop("counts"), np.float64)
         counts_acc = counts if counts_acc is None else counts_acc + counts
@@ -209,7 +209,7 @@ def run_loop(run: Run, callbacks: Sequence[Callback] = ()) -> dict:
         tps = window["tokens"] / (now - window["t"]) if window["tokens"] else None
         window["t"], window["tokens"] = now, 0
         rec = {"step": done, **host, "lr": host["lr_muon"], "batch_size": bs,
-               "tokens_seen": int(getattr(run.data.train, "tokens_seen", done * bs * tcfg.seq_len)),
+               "tokens_seen": int(seen if seen is not None else done * bs * tcfg.seq_len),
                "tokens_per_s": tps,
                "mfu": tps * run.flops_per_token / run.peak_flops if tps else None,
                "phase": phase}
@@ -226,6 +226,7 @@ def run_loop(run: Run, callbacks: Sequence[Callback] = ()) -> dict:
                                tcfg.batch_ramp)
             phase = getattr(run.data.train, "phase_name", "")
             batch = run.to_device(run.data.train.next_batch(bs))
+            seen = getattr(run.data.train, "tokens_seen", None)   # now, not when it is logged
             run.state, metrics = run.train_step(run.state, batch)
             try:
                 for cb in callbacks:
@@ -233,19 +234,21 @@ def run_loop(run: Run, callbacks: Sequence[Callback] = ()) -> dict:
             except SystemExit:      # a callback stops the run (SIGTERM save): log what was run
                 if pending is not None:
                     process(pending, force_log=True)
-                process((step + 1, metrics, phase, bs), force_log=True)
+                process((step + 1, metrics, phase, bs, seen), force_log=True)
                 bar.close()
                 run.writer.close()
                 raise
+            # The previous step is logged while this one runs, and before any evaluation: its
+            # clock stops when its own metrics arrive, not after this step's work.
+            if pending is not None:
+                process(pending, force_log=False)
             if step + 1 == total or (tcfg.eval_every > 0 and (step + 1) % tcfg.eval_every == 0):
                 jax.block_until_ready(run.state)   # the step's own time stays in tokens/s
                 t_eval = time.perf_counter()
                 evals[step + 1] = evaluate(run)
                 if window["t"] is not None:   # keep evaluation out of tokens/s
                     window["t"] += time.perf_counter() - t_eval
-            if pending is not None:
-                process(pending, force_log=False)
-            pending = (step + 1, metrics, phase, bs)
+            pending = (step + 1, metrics, phase, bs, seen)
         if pending is not None:
             process(pending, force_log=True)
     bar.close()
