@@ -181,21 +181,38 @@ def test_host_cpu_names_the_model_and_the_bf16_matmul_isa(tmp_path):
                                                    "bf16_matmul": "unknown"}
 
 
-def test_batch_ramp_switches_size_at_the_token_threshold_and_compiles_once_per_size(tmp_path):
+class _TwoPhaseData(SyntheticData):
+    """SyntheticData whose iterator enters phase "p2" while drawing its 4th batch, as the data
+    pipeline's TrainIterator switches phase inside next_batch."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        draw = self.train.next_batch
+
+        def next_batch(b):
+            out = draw(b)
+            self.train.phase_name = "p1" if self.train.step <= 3 else "p2"
+            return out
+
+        self.train.next_batch = next_batch
+
+
+def test_records_name_each_steps_batch_size_phase_and_tokens_and_the_ramp_compiles_once_per_size(tmp_path):
     """train.batch_ramp in a real run: 8 sequences of 32 tokens until 3 steps' tokens (768) have
-    been seen, then 16; the jitted step is compiled exactly once per batch size (2), and every
-    step's tokens are counted."""
+    been seen, then 16; each record names the size, phase and tokens_seen of the batch its step
+    trained on (they were read one batch late); the jitted step is compiled exactly once per
+    batch size (2)."""
     ramp_at = 3 * 8 * 32
     cfg = from_config_dict({**TINY, "train": {**TINY["train"], "steps": 6, "log_every": 1,
                                               "eval_every": 0, "batch_ramp": [[ramp_at, 16]]}})
-    run = loop.setup(cfg, str(tmp_path), data=SyntheticData(64, 32, steps=6), log=lambda *a: None)
+    run = loop.setup(cfg, str(tmp_path), data=_TwoPhaseData(64, 32, steps=6), log=lambda *a: None)
     loop.run_loop(run)
     recs = _records(str(tmp_path))
     assert [r["batch_size"] for r in recs] == [8, 8, 8, 16, 16, 16]
     assert [r["tokens_seen"] for r in recs] == [256, 512, 768, 1280, 1792, 2304]
+    assert [r["phase"] for r in recs] == ["p1"] * 3 + ["p2"] * 3
     assert run.train_step._cache_size() == 2
     # the last step's clock stops when its own metrics arrive: it used to run from the previous
     # step's logging, done after the last step had finished, which gave 38x the tokens/s before
     last, before = recs[-1]["tokens_per_s"], recs[-2]["tokens_per_s"]
-    print("tokens/s of the last steps", before, last)
-    assert last < 10 * before
+    assert last < 10 * before, (before, last)

@@ -224,9 +224,11 @@ def run_loop(run: Run, callbacks: Sequence[Callback] = ()) -> dict:
         for step in range(start, total):
             bs = batch_size_at(int(getattr(run.data.train, "tokens_seen", 0)), tcfg.batch_size,
                                tcfg.batch_ramp)
-            phase = getattr(run.data.train, "phase_name", "")
             batch = run.to_device(run.data.train.next_batch(bs))
-            seen = getattr(run.data.train, "tokens_seen", None)   # now, not when it is logged
+            # the phase and token count of this batch, read now (drawing it may have started a
+            # phase), not when the step is logged (one batch later)
+            phase = getattr(run.data.train, "phase_name", "")
+            seen = getattr(run.data.train, "tokens_seen", None)
             run.state, metrics = run.train_step(run.state, batch)
             try:
                 for cb in callbacks:
