@@ -37,6 +37,20 @@ def test_decay_starts_at_the_configured_phase_so_truebase_is_undecayed():
     np.testing.assert_allclose(s["muon"](900), 5e-4, rtol=1e-5)
 
 
+def test_one_phase_decays_only_after_the_warmup_reaches_the_peak():
+    """One data phase (decay phase = step 0): warm-up to the peak, then linear decay over the
+    rest. Before, the decay started at step 0 and multiplied the warm-up: the LR peaked at
+    0.8x (step 1999 of 10k with a 2000-step warm-up)."""
+    cfg = OptimConfig(muon_lr=1e-3, adam_lr=2e-4, warmup_steps=2000)
+    f = group_schedules(cfg, total_steps=10_000, phase_starts=[0])["muon"]
+    lrs = np.asarray([f(s) for s in range(0, 10_001, 250)] + [f(1999)])
+    np.testing.assert_allclose(lrs.max(), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose([f(1999), f(6000), f(10_000)], [1e-3, 5e-4, 0.0], rtol=1e-5, atol=1e-9)
+    # a decay phase that starts inside the warm-up waits for it too
+    g = group_schedules(cfg, total_steps=10_000, phase_starts=[0, 1000])["muon"]
+    np.testing.assert_allclose(g(1999), 1e-3, rtol=1e-6)
+
+
 def test_batch_ramp_keyed_on_tokens_seen():
     """Large: 12288 sequences, 16384 after 4.9T tokens."""
     ramp = ((4_900_000_000_000, 16384),)

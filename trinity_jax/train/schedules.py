@@ -1,7 +1,8 @@
 """LR schedules (warm-up → constant → decay, SPEC §4) and the batch-size ramp keyed on tokens.
 
 Decay starts at the first step of data phase ``optim.decay_start_phase`` (−1: the last
-phase), so a TrueBase checkpoint taken at the end of the first phase has seen no decay.
+phase), or when the warm-up ends if that is later, so a TrueBase checkpoint taken at the end
+of the first phase has seen no decay.
 All schedule functions are jnp-traceable functions of the (0-based) step being applied.
 """
 from __future__ import annotations
@@ -96,8 +97,13 @@ def phase_start_steps(phase_tokens: Sequence[int], seq_len: int, base_batch_size
 
 
 def group_schedules(optim_cfg, *, total_steps: int, phase_starts: Sequence[int] = (0,)) -> dict:
-    """{'muon': lr_fn, 'adam': lr_fn}: the same shape, each group with its own peak."""
+    """{'muon': lr_fn, 'adam': lr_fn}: the same shape, each group with its own peak.
+
+    Decay never starts before the warm-up ends: with one data phase (or a decay phase that
+    starts inside the warm-up) it would begin at step 0, the two factors would multiply, and
+    the LR would never reach its peak (warm-up 2000 of 10k steps: 0.8× peak at most)."""
     ds = decay_start_step(optim_cfg.decay_start_phase, phase_starts, total_steps)
+    ds = max(ds, min(optim_cfg.warmup_steps, total_steps))
     kw = dict(warmup_steps=optim_cfg.warmup_steps, decay=optim_cfg.decay, decay_start=ds,
               total_steps=total_steps, final_fraction=optim_cfg.decay_final_fraction)
     return {"muon": lr_schedule(optim_cfg.muon_lr, **kw), "adam": lr_schedule(optim_cfg.adam_lr, **kw)}
