@@ -5,6 +5,7 @@ import dataclasses
 import glob
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -216,3 +217,44 @@ def test_records_name_each_steps_batch_size_phase_and_tokens_and_the_ramp_compil
     # step's logging, done after the last step had finished, which gave 38x the tokens/s before
     last, before = recs[-1]["tokens_per_s"], recs[-2]["tokens_per_s"]
     assert last < 10 * before, (before, last)
+
+
+def _tensorboard_points(logdir, tag):
+    """(step, value) of `tag` as TensorBoard shows it: event files in name order, and a session
+    START event at step s drops the points at steps >= s read before it (its purge rule)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    points = []
+    for path in sorted(glob.glob(os.path.join(logdir, "events.*"))):
+        data, i = open(path, "rb").read(), 0
+        while i < len(data):
+            n = struct.unpack("<Q", data[i:i + 8])[0]
+            ev = event_pb2.Event()
+            ev.ParseFromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
+                points = [(s, v) for s, v in points if s < ev.step]
+            points += [(ev.step, v.simple_value) for v in ev.summary.value if v.tag == tag]
+    return points
+
+
+def test_resume_hides_the_interrupted_runs_later_tensorboard_points(tmp_path):
+    """A run logged steps 1-4 and was resumed from step 2: metrics.jsonl is truncated to 1-2 by
+    the checkpoint callback, and TensorBoard must show the re-run steps once (the new values),
+    not both runs' points for steps 3 and 4."""
+    from trinity_jax.checkpoint.manager import truncate_metrics
+    from trinity_jax.train.metrics import MetricsWriter
+
+    first = MetricsWriter(str(tmp_path))
+    for s in (1, 2, 3, 4):
+        first.write({"step": s, "loss": 10.0 - s})
+    first.close()
+    time.sleep(1.1)            # a later process: tensorboardX names event files by the second
+    resumed = MetricsWriter(str(tmp_path))
+    resumed.resume_at(2, truncate_metrics(str(tmp_path), 2))
+    assert [r["step"] for r in resumed.records] == [1, 2]
+    for s in (3, 4):
+        resumed.write({"step": s, "loss": 20.0 - s})
+    resumed.close()
+    assert _tensorboard_points(str(tmp_path / "tb"), "loss") == [(1, 9.0), (2, 8.0), (3, 17.0), (4, 16.0)]

@@ -104,7 +104,7 @@ class CheckpointCallback:
             self.restored_step = step
             kept = truncate_metrics(run.workdir, step)
             if hasattr(run, "writer"):
-                run.writer.records = kept
+                run.writer.resume_at(step, kept)
             self.log(f"resumed from checkpoint step {step} ({self.directory})")
             break
         if self.handle_sigterm:

@@ -59,16 +59,35 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
+        self.workdir = workdir
         self.records: list[dict] = []
         self._f = None
         self._tb = None
         if not enabled:
             return
         self._f = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._open_tb()
+
+    def _open_tb(self, purge_step: Optional[int] = None) -> None:
+        # tensorboardX names a file by the second and the host only: the resumed writer, opened
+        # within the second of the first, gets a suffix (and sorts after it) instead of
+        # overwriting it
+        suffix = "" if purge_step is None else ".resumed"
         try:
-            self._tb = _summary_writer_class()(os.path.join(workdir, "tb"))
+            self._tb = _summary_writer_class()(os.path.join(self.workdir, "tb"), purge_step=purge_step,
+                                               filename_suffix=suffix)
         except ImportError:  # flax's writer needs tensorflow; without tensorboardX skip TB
             self._tb = None
+
+    def resume_at(self, step: int, kept: list[dict]) -> None:
+        """After a restore to `step`: `kept` (metrics.jsonl's records up to it, the file already
+        truncated) become the records, and TensorBoard is told to drop the points after `step`
+        that the interrupted run wrote (a new event file opened with tensorboardX's
+        ``purge_step``), so the re-run steps do not appear twice."""
+        self.records = list(kept)
+        if self._tb is not None:
+            self._tb.close()
+            self._open_tb(purge_step=step + 1)
 
     def write(self, record: dict) -> None:
         self.records.append(record)
