@@ -49,7 +49,9 @@ class StubMoELM(nn.Module):
             counts.append(jnp.sum(sel * valid[..., None], (0, 1)))
             f = E / K * jnp.mean(sel, 1)
             p = jnp.mean(s / jnp.sum(s, -1, keepdims=True), 1)
-            bal.append(jnp.mean(jnp.sum(f * p, -1)))
+            # like the model's: a mean over the sequences that hold a valid token
+            has = jnp.any(segment_ids > 0, axis=1).astype(jnp.float32)
+            bal.append(jnp.sum(jnp.sum(f * p, -1) * has) / jnp.maximum(jnp.sum(has), 1.0))
         scale = self.param("norm_scale", nn.initializers.ones, (D,))  # a 1-D param on AdamW
         x = x * scale
         kernel = _Head(name="lm_head")()
@@ -70,15 +72,22 @@ def _setup(microbatches=1, balance="smebu"):
     return cfg, model, opt, variables, {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def test_gradient_accumulation_equals_the_large_batch():
-    """4 microbatches of 2 vs 1 batch of 8: loss, every gradient and the counts agree (1e-5)."""
+@pytest.mark.parametrize("padded_rows", [(), (0, 4)])
+def test_gradient_accumulation_equals_the_large_batch(padded_rows):
+    """4 microbatches of 2 vs 1 batch of 8: loss, every gradient and the counts agree (1e-5),
+    also when rows 0 and 4 (both in microbatch 0) are all padding, so that microbatches hold
+    different numbers of sequences for the balance loss's mean (it was weighted 1/m each)."""
     outs = []
     for m in (1, 4):
         cfg, model, _, v, batch = _setup(microbatches=m)
+        for r in padded_rows:
+            batch["segment_ids"] = batch["segment_ids"].at[r].set(0)
+            batch["loss_mask"] = batch["loss_mask"].at[r].set(0.0)
         f = jax.jit(lambda p, b: step_lib.accumulate_gradients(cfg, model, p, v["balance"], b))
         outs.append(f(v["params"], batch))
-    (l1, g1, s1, c1, _, mb1), (l4, g4, s4, c4, _, mb4) = outs
+    (l1, g1, s1, c1, p1, mb1), (l4, g4, s4, c4, p4, mb4) = outs
     np.testing.assert_allclose(l4, l1, rtol=1e-5)
+    np.testing.assert_allclose(p4["balance_loss"], p1["balance_loss"], rtol=1e-5)
     np.testing.assert_array_equal(c4, c1)
     assert float(s4.count) == float(s1.count)
     for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):

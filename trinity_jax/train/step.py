@@ -85,7 +85,8 @@ def accumulate_gradients(cfg, model: nn.Module, params, balance, batch: dict):
 
     Returns ``(loss, grads, LossSums, counts [L_moe, E], parts, microbatch_ce [m])``; equal to
     the single large batch because every microbatch's CE is divided by the step's total
-    token count and its balance loss by m.
+    token count, and its balance loss (a mean over its sequences that hold a valid token) is
+    weighted by its share of the step's such sequences (1/m when none is all padding).
     """
     tcfg = cfg.train
     m = tcfg.microbatches
@@ -96,10 +97,15 @@ def accumulate_gradients(cfg, model: nn.Module, params, balance, batch: dict):
                                                       num_tokens, 1.0)
         return loss, grads, sums, counts, parts, (sums.ce / jnp.maximum(sums.count, 1.0))[None]
 
+    def sequences(b):         # rows with a valid token: the balance loss averages over them
+        return jnp.sum(jnp.any(b["segment_ids"] > 0, axis=-1).astype(jnp.float32))
+
+    num_sequences = jnp.maximum(sequences(batch), 1.0)
+
     def body(carry, mb):
         g_acc, loss_acc, sums_acc, counts_acc, parts_acc = carry
         (loss, (sums, counts, parts)), g = grad_fn(model, tcfg, params, balance, mb,
-                                                  num_tokens, 1.0 / m)
+                                                  num_tokens, sequences(mb) / num_sequences)
         carry = (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss, sums_acc + sums,
                  counts_acc + counts, jax.tree.map(jnp.add, parts_acc, parts))
         return carry, sums.ce / jnp.maximum(sums.count, 1.0)
