@@ -202,16 +202,18 @@ def test_records_name_each_steps_batch_size_phase_and_tokens_and_the_ramp_compil
     """train.batch_ramp in a real run: 8 sequences of 32 tokens until 3 steps' tokens (768) have
     been seen, then 16; each record names the size, phase and tokens_seen of the batch its step
     trained on (they were read one batch late); the jitted step is compiled exactly once per
-    batch size (2)."""
+    batch size (2). With the hidden matrices on AdamW, "lr" is AdamW's."""
     ramp_at = 3 * 8 * 32
     cfg = from_config_dict({**TINY, "train": {**TINY["train"], "steps": 6, "log_every": 1,
-                                              "eval_every": 0, "batch_ramp": [[ramp_at, 16]]}})
+                                              "eval_every": 0, "batch_ramp": [[ramp_at, 16]]},
+                            "optim": {**TINY["optim"], "hidden_optimizer": "adamw"}})
     run = loop.setup(cfg, str(tmp_path), data=_TwoPhaseData(64, 32, steps=6), log=lambda *a: None)
     loop.run_loop(run)
     recs = _records(str(tmp_path))
     assert [r["batch_size"] for r in recs] == [8, 8, 8, 16, 16, 16]
     assert [r["tokens_seen"] for r in recs] == [256, 512, 768, 1280, 1792, 2304]
     assert [r["phase"] for r in recs] == ["p1"] * 3 + ["p2"] * 3
+    assert all(r["lr"] == r["lr_adam"] != r["lr_muon"] for r in recs)
     assert run.train_step._cache_size() == 2
     # the last step's clock stops when its own metrics arrive: it used to run from the previous
     # step's logging, done after the last step had finished, which gave 38x the tokens/s before

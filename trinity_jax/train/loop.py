@@ -179,6 +179,8 @@ def run_loop(run: Run, callbacks: Sequence[Callback] = ()) -> dict:
     window = {"t": None, "tokens": 0}
     consecutive_bad, counts_acc, last = 0, None, {}
     evals: dict[int, dict] = {}  # step -> validation metrics, evaluated right after that step
+    # "lr": the hidden matrices' LR (Muon's, or AdamW's when they are on AdamW)
+    lr_key = "lr_adam" if cfg.optim.hidden_optimizer == "adamw" else "lr_muon"
 
     def process(item, force_log: bool):
         nonlocal consecutive_bad, counts_acc, last
@@ -208,7 +210,7 @@ def run_loop(run: Run, callbacks: Sequence[Callback] = ()) -> dict:
             return
         tps = window["tokens"] / (now - window["t"]) if window["tokens"] else None
         window["t"], window["tokens"] = now, 0
-        rec = {"step": done, **host, "lr": host["lr_muon"], "batch_size": bs,
+        rec = {"step": done, **host, "lr": host[lr_key], "batch_size": bs,
                "tokens_seen": int(seen if seen is not None else done * bs * tcfg.seq_len),
                "tokens_per_s": tps,
                "mfu": tps * run.flops_per_token / run.peak_flops if tps else None,
