@@ -260,3 +260,25 @@ def test_resume_hides_the_interrupted_runs_later_tensorboard_points(tmp_path):
         resumed.write({"step": s, "loss": 20.0 - s})
     resumed.close()
     assert _tensorboard_points(str(tmp_path / "tb"), "loss") == [(1, 9.0), (2, 8.0), (3, 17.0), (4, 16.0)]
+
+
+def test_variant_validation_loss_equals_the_trainers_evaluation_on_packed_rows(trained):
+    """recipe.validation_loss (the variants' figure in the quickstart summary) on packed
+    validation rows equals the train loop's eval_step CE on the same rows (1e-5 relative: full
+    fp32 logits against the chunked loss), because the documents are kept apart by their
+    segment ids and positions; without them (one document per row) the figure differs."""
+    from trinity_jax import recipe
+    from trinity_jax.api import LoadedModel
+
+    run, *_ = trained
+    batches = run.data.validation_batches(2, 8)
+    assert max(int(np.max(b["segment_ids"])) for b in batches) > 1               # packed rows
+    model = LoadedModel(run.cfg.model, {"params": run.state.params, "balance": run.state.balance})
+    ours = recipe.validation_loss(model, batches)
+    sums = [run.eval_step(run.state.params, run.state.balance, run.to_device(b)) for b in batches]
+    want = sum(float(s.ce) for s in sums) / sum(float(s.count) for s in sums)
+    np.testing.assert_allclose(ours, want, rtol=1e-5)
+    unpacked = recipe.validation_loss(model, [{k: v for k, v in b.items()
+                                               if k not in ("positions", "segment_ids")} for b in batches])
+    print("packed", ours, "as one document per row", unpacked)
+    assert abs(unpacked - ours) > 1e-3 * ours

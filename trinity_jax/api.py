@@ -31,16 +31,29 @@ class LoadedModel:
 
     @functools.cached_property
     def _logits_fn(self):
-        return jax.jit(lambda v, t: self.module.apply(v, t)[0])
+        return jax.jit(lambda v, t, p, s: self.module.apply(v, t, positions=p, segment_ids=s)[0])
 
-    def logits(self, tokens) -> np.ndarray:
-        """int [B, S] -> float32 [B, S, V] (full forward, no cache)."""
+    def logits(self, tokens, positions=None, segment_ids=None) -> np.ndarray:
+        """int [B, S] -> float32 [B, S, V] (full forward, no cache).
+
+        For packed rows (several documents per row, as the data pipeline's batches are) pass
+        the batch's ``positions`` and ``segment_ids`` [B, S]: each document then attends only
+        to itself from position 0, as in training. Default: one document per row (positions
+        0..S-1)."""
         tokens = jnp.asarray(tokens, jnp.int32)
         if tokens.ndim != 2:
             raise ValueError(f"tokens: expected an int array [batch, seq], got shape {tokens.shape}")
         if int(tokens.max()) >= self.config.vocab_size or int(tokens.min()) < 0:
             raise ValueError(f"tokens: ids must be in [0, vocab_size={self.config.vocab_size})")
-        return np.asarray(self._logits_fn(self.variables, tokens))
+        b, s = tokens.shape
+        extra = {}
+        for name, value, default in (("positions", positions, jnp.arange(s, dtype=jnp.int32)),
+                                     ("segment_ids", segment_ids, jnp.ones((s,), jnp.int32))):
+            value = jnp.broadcast_to(default, (b, s)) if value is None else jnp.asarray(value, jnp.int32)
+            if value.shape != (b, s):
+                raise ValueError(f"{name}: expected shape {(b, s)} like tokens, got {value.shape}")
+            extra[name] = value
+        return np.asarray(self._logits_fn(self.variables, tokens, extra["positions"], extra["segment_ids"]))
 
     # ------------------------------------------------------------------ generation and probing
     def generate(self, prompt, max_new_tokens: int = 64, *, temperature: float | None = None,

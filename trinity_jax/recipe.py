@@ -153,10 +153,11 @@ def post_train(cfg: ExperimentConfig, workdir: str, *, log: Callable = print):
 
 
 def validation_loss(model, batches) -> float:
-    """Mean next-token CE (nats/token) of a LoadedModel over batches in the pipeline's format."""
+    """Mean next-token CE (nats/token) of a LoadedModel over batches in the pipeline's format
+    (packed rows: each document sees only itself, from position 0, as in training)."""
     total, count = 0.0, 0.0
     for b in batches:
-        logits = model.logits(np.asarray(b["inputs"]))
+        logits = model.logits(np.asarray(b["inputs"]), b.get("positions"), b.get("segment_ids"))
         logp = logits - _logsumexp(logits)
         nll = -np.take_along_axis(logp, np.asarray(b["targets"])[..., None], -1)[..., 0]
         mask = np.asarray(b["loss_mask"], np.float64)
