@@ -123,3 +123,22 @@ def test_tokenizer_without_chat_markers(tmp_path):
     cfg = cfg_for({"c": str(tmp_path / "c")}, tmp_path, sft=os.devnull)
     with pytest.raises(DataError, match=r"no special token '<\|system\|>'"):
         build_sft(cfg, Tokenizer(raw))
+
+
+def test_tokenizer_without_bos_eos_is_refused_for_data(tmp_path):
+    """A tokenizer.json with no <pad>/<bos>/<eos>: the model's ids 0-2 are ordinary tokens of it,
+    so wrapping documents as <bos> … <eos> would put text tokens there (and the same ids occur
+    inside documents). The data pipeline refuses it, naming the file, token and field."""
+    import tokenizers
+    write_text_corpus(str(tmp_path / "c"), 4)
+    raw = tokenizers.Tokenizer(tokenizers.models.BPE())
+    raw.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator([synthetic_document(np.random.default_rng(0)) for _ in range(50)],
+                            tokenizers.trainers.BpeTrainer(vocab_size=280, special_tokens=[],
+                                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    assert raw.token_to_id("<bos>") is None and raw.get_vocab_size() <= 320
+    path = str(tmp_path / "plain.json")
+    raw.save(path)
+    with pytest.raises(DataError, match=r"data.tokenizer=.*plain\.json.*no <pad> token, so "
+                                        r"model.pad_token_id=0 is its ordinary token"):
+        build(cfg_for({"c": str(tmp_path / "c")}, tmp_path, tokenizer=path))

@@ -122,8 +122,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def check_tokenizer(tok: Tokenizer, vocab_size: int, *, where: str, pad_id=PAD_ID,
-                    bos_id=BOS_ID, eos_id=EOS_ID) -> None:
-    """A tokenizer must fit the model: every id < vocab_size, named specials at the model's ids."""
+                    bos_id=BOS_ID, eos_id=EOS_ID, require_specials: bool = False) -> None:
+    """A tokenizer must fit the model: every id < vocab_size, named specials at the model's ids.
+
+    ``require_specials`` (the data pipeline, which wraps every document as ``<bos> … <eos>``):
+    the three specials must exist, not only sit at the right ids where present: without them
+    the model's bos/eos ids are ordinary tokens of that vocabulary."""
     if tok.vocab_size > vocab_size:
         raise DataError(f"{where}: the tokenizer has {tok.vocab_size} ids (token ids up to "
                         f"{tok.vocab_size - 1}) but model.vocab_size={vocab_size}; raise "
@@ -133,16 +137,22 @@ def check_tokenizer(tok: Tokenizer, vocab_size: int, *, where: str, pad_id=PAD_I
         got = tok.token_to_id(name)
         if got is not None and got != want:
             raise DataError(f"{where}: token {name} has id {got} but model.{field}={want}")
+        if got is None and require_specials:
+            raise DataError(f"{where}: the tokenizer has no {name} token, so model.{field}={want} "
+                            f"is its ordinary token {tok.id_to_token(want)!r}; documents are "
+                            f"wrapped as <bos> … <eos>: use a tokenizer with <pad>, <bos>, <eos> "
+                            f"at the model's ids")
 
 
-def load_tokenizer(path: str, vocab_size: int, **ids) -> Tokenizer:
-    """Load a Hugging Face ``tokenizer.json``; DataError if unreadable or larger than the model."""
+def load_tokenizer(path: str, vocab_size: int, *, require_specials: bool = False, **ids) -> Tokenizer:
+    """Load a Hugging Face ``tokenizer.json``; DataError if unreadable or larger than the model
+    (or, with ``require_specials``, without the <pad>/<bos>/<eos> tokens: see check_tokenizer)."""
     try:
         tok = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception on parse errors
         raise DataError(f"data.tokenizer={path!r}: cannot load a tokenizer.json ({e})") from None
     out = Tokenizer(tok, path, **{k: v for k, v in ids.items()})
-    check_tokenizer(out, vocab_size, where=f"data.tokenizer={path!r}", **ids)
+    check_tokenizer(out, vocab_size, where=f"data.tokenizer={path!r}", require_specials=require_specials, **ids)
     return out
 
 
@@ -172,7 +182,7 @@ def get_or_train_tokenizer(data_cfg, model_cfg, sources, cache_dir: str, *,
     ids = dict(pad_id=model_cfg.pad_token_id, bos_id=model_cfg.bos_token_id,
                eos_id=model_cfg.eos_token_id)
     if data_cfg.tokenizer:
-        return load_tokenizer(data_cfg.tokenizer, model_cfg.vocab_size, **ids)
+        return load_tokenizer(data_cfg.tokenizer, model_cfg.vocab_size, require_specials=True, **ids)
     if (model_cfg.pad_token_id, model_cfg.bos_token_id, model_cfg.eos_token_id) != (PAD_ID, BOS_ID, EOS_ID):
         raise DataError(f"model.pad/bos/eos_token_id=({model_cfg.pad_token_id}, "
                         f"{model_cfg.bos_token_id}, {model_cfg.eos_token_id}): the built-in BPE "
