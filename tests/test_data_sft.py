@@ -134,3 +134,31 @@ def test_build_sft_from_jsonl(tok, tmp_path):
     data = build_sft(cfg(sft=str(p)), tok, log=lambda m: None)
     assert len(data.ids["train"]) + len(data.ids["validation"]) == 30
     assert data.train.next_batch(4)["loss_mask"].sum() > 0
+
+
+def test_builtin_set_splits_by_module_file_like_pretraining(tok):
+    """A module held out of pre-training (the stdlib is split by file path) is held out of the
+    built-in SFT set too, with all its examples: before, each example was split by its own key,
+    so a held-out `:what` answer (a docstring's first paragraph) sat inside the same function's
+    training `:write` target, and SFT trained on pre-training's held-out modules."""
+    from trinity_jax.data.corpus import in_validation, resolve_source
+
+    files = {}
+    convs = builtin_conversations("stdlib:email", files=files)
+    assert set(files) == {k for k, _ in convs}
+    data = SFTData(cfg(seq_len=1024, val_fraction=0.3), tok, convs, 0, 1, log=lambda m: None,
+                   split_keys=files)
+    split_of = {json.dumps(m): split for split in ("train", "validation") for m in data.messages[split]}
+    by_key = dict(convs)
+    want_held = {k for k in by_key if in_validation(files[k], 0.3)}
+    assert want_held and len(want_held) < len(by_key)
+    kept = [k for k in by_key if json.dumps(by_key[k]) in split_of]     # (none too long here)
+    assert len(kept) == len(by_key)
+    assert all(split_of[json.dumps(by_key[k])] == ("validation" if k in want_held else "train")
+               for k in kept)
+    # the pre-training corpus holds the same files out
+    src = resolve_source("x", "stdlib:email")
+    val_files = {key for key, _ in src.documents("validation", 0.3)}
+    assert {files[k] for k in want_held} <= val_files
+    train_files = {files[k] for k in by_key if k not in want_held}
+    assert not train_files & val_files

@@ -101,8 +101,13 @@ def _first_paragraph(doc: str) -> str:
     return doc.strip().split("\n\n")[0].strip()
 
 
-def builtin_conversations(spec: str = "stdlib:lib") -> list[tuple[str, list]]:
-    """``[(key, messages), ...]`` from the non-test modules of a stdlib spec (deterministic)."""
+def builtin_conversations(spec: str = "stdlib:lib", *, files: dict | None = None) -> list[tuple[str, list]]:
+    """``[(key, messages), ...]`` from the non-test modules of a stdlib spec (deterministic).
+
+    ``files``, when a dict is given, receives each key's module file (its path inside the
+    stdlib): the pre-training corpus splits the stdlib by that path, and the SFT set must
+    split the same way (SFTData's ``split_keys``), or a held-out module's docstrings are
+    trained on."""
     src = resolve_source("sft", spec)
     out = []
     for rel, _, _ in src.files:
@@ -118,6 +123,7 @@ def builtin_conversations(spec: str = "stdlib:lib") -> list[tuple[str, list]]:
         lines = io.StringIO(text, newline="").readlines()
         if any(p.startswith("_") for p in mod.split(".")):
             continue
+        first_of_file = len(out)
         for node in tree.body:
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) \
                     or node.name.startswith("_"):
@@ -143,6 +149,8 @@ def builtin_conversations(spec: str = "stdlib:lib") -> list[tuple[str, list]]:
                     {"role": "user", "content": f"Write a Python function `{sig}` (as in the "
                                                 f"`{mod}` module): {para}"},
                     {"role": "assistant", "content": textwrap.dedent(code)}]))
+        if files is not None:
+            files.update({key: rel for key, _ in out[first_of_file:]})
     for i, (key, msgs) in enumerate(out):      # a system prompt on about a quarter of them
         if in_validation("system:" + key, 0.25):
             out[i] = (key, [{"role": "system", "content": SYSTEM_PROMPT}] + msgs)
@@ -230,7 +238,11 @@ class SFTData:
     """Tokenised conversations per split and the batch iterators (built by ``build_sft``)."""
 
     def __init__(self, cfg, tok: Tokenizer, conversations, process_index: int, process_count: int,
-                 log=_log):
+                 log=_log, split_keys: dict | None = None):
+        """``split_keys``: conversation key -> the key its held-out split is drawn by (the
+        built-in set: the module file, as the pre-training corpus splits); others split by
+        their own key."""
+        split_keys = split_keys or {}
         self.cfg, self.tokenizer = cfg, tok
         self.seq_len, self.batch_size = cfg.train.seq_len, cfg.train.batch_size
         self.process_index, self.process_count = process_index, process_count
@@ -245,7 +257,8 @@ class SFTData:
                 if not w.any():
                     dropped += 1
                     continue
-            split = "validation" if in_validation("sft:" + key, cfg.data.val_fraction) else "train"
+            by = split_keys.get(key, "sft:" + key)
+            split = "validation" if in_validation(by, cfg.data.val_fraction) else "train"
             self.ids[split].append(ids)
             self.weights[split].append(w)
             self.messages[split].append(msgs)
@@ -300,8 +313,10 @@ def build_sft(cfg, tokenizer: Tokenizer, *, process_index: int = 0, process_coun
     """``data.sft`` ('builtin' or a chat JSONL path) -> SFTData; DataError on bad input."""
     for t in SPECIAL_TOKENS[3:]:
         _special_id(tokenizer, t)
+    files: dict = {}
     if cfg.data.sft == "builtin":
-        conversations = builtin_conversations()
+        conversations = builtin_conversations(files=files)
     else:
         conversations = read_chat_jsonl(cfg.data.sft)
-    return SFTData(cfg, tokenizer, conversations, process_index, process_count, log=log)
+    return SFTData(cfg, tokenizer, conversations, process_index, process_count, log=log,
+                   split_keys=files)
