@@ -75,6 +75,29 @@ def test_batch_not_divisible_by_microbatches():
         from_config_dict(cd)
 
 
+@pytest.mark.parametrize("override,pattern", [
+    ({"train.batch_ramp": "[1000, 32]"}, r"train\.batch_ramp\[0\]=1000: expected a \(tokens_seen, batch_size\) pair"),
+    ({"train.batch_ramp": "[(1000, None)]"}, r"train\.batch_ramp\[0\]=None: expected an int"),
+    ({"train.batch_ramp": "[(1000.7, 32)]"}, r"train\.batch_ramp\[0\]=1000\.7: expected an int"),
+    ({"data.phases.0.mixture.lib": "'x'"}, r"data\.phases\[0\]\.mixture\.lib='x': expected a number"),
+    ({"data.phases.7.tokens": "5"}, r"--config\.data\.phases\.7\.tokens: data\.phases\.7 is not an index .* 0\.\.2"),
+    ({"optim.decay_start_phase": "3"}, r"optim\.decay_start_phase=3: the data plan has 3 phase\(s\).*-3\.\.2"),
+    ({"optim.decay_start_phase": "0"}, r"optim\.decay_start_phase=0: the decay would start in the first data phase"),
+])
+def test_bad_ramp_mixture_phase_index_and_decay_phase_are_named(override, pattern):
+    """Malformed values of list-shaped fields, list indices and the decay phase: one ConfigError
+    naming the entry (they were tracebacks, silently truncated floats, or a TrueBase taken
+    after the decay had begun)."""
+    with pytest.raises(ConfigError, match=pattern):
+        from_config_dict(load_config_file("experiments/tiny.py", override))
+
+
+def test_overrides_reach_list_entries_and_whole_ramp_thresholds():
+    cfg = from_config_dict(load_config_file("experiments/tiny.py", {
+        "data.phases.1.tokens": "123", "train.batch_ramp": "[(4.9e12, 16)]"}))
+    assert cfg.data.phases[1].tokens == 123 and cfg.train.batch_ramp == ((4_900_000_000_000, 16),)
+
+
 EXPERIMENTS = sorted(p for p in glob.glob("experiments/*.py") + glob.glob("experiments/ablations/*.py")
                      if not p.endswith("__init__.py") and not p.split("/")[-1].startswith("_"))
 

@@ -354,6 +354,14 @@ class ExperimentConfig:
         if self.train.seq_len > self.model.max_position_embeddings:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds "
                               f"model.max_position_embeddings={self.model.max_position_embeddings}")
+        n, d = max(1, len(self.data.phases)), self.optim.decay_start_phase
+        if not -n <= d < n:
+            raise ConfigError(f"optim.decay_start_phase={d}: the data plan has {n} phase(s) "
+                              f"(data.phases); allowed values are -{n}..{n - 1}")
+        if n > 1 and self.optim.decay != "none" and d % n == 0:
+            raise ConfigError(f"optim.decay_start_phase={d}: the decay would start in the first "
+                              f"data phase, at whose end TrueBase (the checkpoint before any LR "
+                              f"decay) is taken; allowed values are 1..{n - 1} or -{n - 1}..-1")
         return self
 
 
@@ -435,6 +443,19 @@ def _pairs(value: Any, where: str) -> tuple:
     raise ConfigError(f"{where}={value!r}: expected a mapping or a list of pairs")
 
 
+def _batch_ramp(value: Any, where: str) -> tuple:
+    """``[(tokens_seen, batch_size), ...]`` -> a tuple of int pairs (4.9e12 is fine, 32.5 not)."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}={value!r}: expected a list of (tokens_seen, batch_size) pairs")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ConfigError(f"{where}[{i}]={item!r}: expected a (tokens_seen, batch_size) pair, "
+                              f"e.g. {where}=[(4_900_000_000_000, 16384)]")
+        out.append(tuple(_coerce(x, int, f"{where}[{i}]") for x in item))
+    return tuple(out)
+
+
 def _build(cls, raw: dict, where: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a group of fields, got {type(raw).__name__}")
@@ -453,9 +474,9 @@ def _build(cls, raw: dict, where: str):
                 raise ConfigError(f"{fw}: expected a list of phases")
             kwargs[key] = tuple(_build(PhaseConfig, dict(p), f"{fw}[{i}]") for i, p in enumerate(value))
         elif cls is PhaseConfig and key == "mixture":
-            kwargs[key] = tuple((str(k), float(v)) for k, v in _pairs(value, fw))
+            kwargs[key] = tuple((str(k), _coerce(v, float, f"{fw}.{k}")) for k, v in _pairs(value, fw))
         elif cls is TrainConfig and key == "batch_ramp":
-            kwargs[key] = tuple(tuple(int(x) for x in r) for r in value)
+            kwargs[key] = _batch_ramp(value, fw)
         else:
             kwargs[key] = _coerce(value, hints[key], fw)
     return cls(**kwargs)
@@ -521,18 +542,24 @@ def _parse_override(text: str) -> Any:
 
 def apply_overrides(cd, overrides: dict[str, str]):
     """Apply `--config.a.b=value` overrides to a ConfigDict (values parsed as Python literals)."""
+    def child(node, part: str, dotted: str, upto: str):
+        """node[part]: a field of a group, or an index of a list (data.phases.0)."""
+        if isinstance(node, (list, tuple)):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--config.{dotted}: {upto} is not an index of the list of "
+                                  f"{len(node)} (allowed: 0..{len(node) - 1})")
+            return int(part)
+        if not hasattr(node, "keys") or part not in node:
+            allowed = sorted(node.keys()) if hasattr(node, "keys") else []
+            raise ConfigError(f"--config.{dotted}: unknown field {upto}; allowed fields there: {allowed}")
+        return part
+
     for dotted, text in overrides.items():
         parts = dotted.split(".")
         node = cd
         for i, part in enumerate(parts[:-1]):
-            if part not in node:
-                raise ConfigError(f"--config.{dotted}: unknown field {'.'.join(parts[:i + 1])}; "
-                                  f"allowed: {sorted(node.keys())}")
-            node = node[part]
-        leaf = parts[-1]
-        if not hasattr(node, "keys") or leaf not in node:
-            allowed = sorted(node.keys()) if hasattr(node, "keys") else []
-            raise ConfigError(f"--config.{dotted}: unknown field {dotted}; allowed fields there: {allowed}")
+            node = node[child(node, part, dotted, ".".join(parts[:i + 1]))]
+        leaf = child(node, parts[-1], dotted, dotted)
         value = _parse_override(text)
         old = node[leaf]
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
