@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from trinity_jax.config import from_config_dict
+from trinity_jax.config import ConfigError, from_config_dict
 from trinity_jax.train import loop
 from trinity_jax.train.synthetic import SyntheticData
 
@@ -245,7 +245,6 @@ def test_resume_hides_the_interrupted_runs_later_tensorboard_points(tmp_path):
     """A run logged steps 1-4 and was resumed from step 2: metrics.jsonl is truncated to 1-2 by
     the checkpoint callback, and TensorBoard must show the re-run steps once (the new values),
     not both runs' points for steps 3 and 4."""
-    from trinity_jax.checkpoint.manager import truncate_metrics
     from trinity_jax.train.metrics import MetricsWriter
 
     first = MetricsWriter(str(tmp_path))
@@ -254,7 +253,7 @@ def test_resume_hides_the_interrupted_runs_later_tensorboard_points(tmp_path):
     first.close()
     time.sleep(1.1)            # a later process: tensorboardX names event files by the second
     resumed = MetricsWriter(str(tmp_path))
-    resumed.resume_at(2, truncate_metrics(str(tmp_path), 2))
+    resumed.resume_at(2)
     assert [r["step"] for r in resumed.records] == [1, 2]
     for s in (3, 4):
         resumed.write({"step": s, "loss": 20.0 - s})
@@ -282,3 +281,33 @@ def test_variant_validation_loss_equals_the_trainers_evaluation_on_packed_rows(t
                                                if k not in ("positions", "segment_ids")} for b in batches])
     print("packed", ours, "as one document per row", unpacked)
     assert abs(unpacked - ours) > 1e-3 * ours
+
+
+def test_a_workdir_of_another_config_is_refused_before_anything_is_written(tmp_path):
+    """Resuming a workdir with another model or run plan would restore checkpoints of other
+    shapes (they used to be quarantined as corrupt, and the run restarted from 0) or replay its
+    phases and LR schedule on a new plan; loop.setup refuses it first, naming the field, and
+    config.json stays the run's. Logging, mesh and implementation choices may change."""
+    workdir = str(tmp_path)
+    quiet = dict(data=SyntheticData(64, 32, steps=STEPS), log=lambda *a: None, init=False)
+    loop.setup(from_config_dict(TINY), workdir, **quiet).writer.close()
+    before = open(os.path.join(workdir, "config.json")).read()
+    for group, field, value, shown in (("model", "num_experts", 8, "model.num_experts: 4 in the run, 8"),
+                                       ("train", "steps", 80, "train.steps: 40 in the run, 80")):
+        changed = {**TINY, group: {**TINY[group], field: value}}
+        with pytest.raises(ConfigError, match=rf"{shown} asked for.*another --workdir"):
+            loop.setup(from_config_dict(changed), workdir, **quiet)
+        assert open(os.path.join(workdir, "config.json")).read() == before
+    harmless = {**TINY, "train": {**TINY["train"], "log_every": 3, "eval_batches": 1},
+                "model": {**TINY["model"], "moe_impl": "block_sparse"}}
+    loop.setup(from_config_dict(harmless), workdir, **quiet).writer.close()
+
+
+def test_a_fresh_start_in_a_used_workdir_replaces_its_metrics(tmp_path):
+    """Run twice in one workdir without checkpoints: the second run starts at step 0, and
+    metrics.jsonl holds its steps once (it appended them after the first run's: 1-3, 1-3)."""
+    cfg = from_config_dict({**TINY, "train": {**TINY["train"], "steps": 3, "log_every": 1,
+                                              "eval_every": 0}})
+    for _ in range(2):
+        loop.train(cfg, str(tmp_path), data=SyntheticData(64, 32, steps=3), log=lambda *a: None)
+    assert [r["step"] for r in _records(str(tmp_path))] == [1, 2, 3]

@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from trinity_jax.config import ConfigError, ExperimentConfig, to_config_dict
+from trinity_jax.config import ConfigError, ExperimentConfig, check_workdir_config
 
 __all__ = ["main", "group_variants", "variant_configs", "check_resumable", "is_finished", "run_variant", "read_metrics",
            "summarize", "comparison_table", "write_comparison"]
@@ -83,29 +83,10 @@ def _with_shared_cache(cfg: ExperimentConfig, workdir: str) -> ExperimentConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=os.path.join(workdir, "_data")))
 
 
-def _config_diff(a, b, where: str = "") -> str | None:
-    """The first dotted field where two plain config dicts differ (None if equal)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = _config_diff(a.get(k), b.get(k), f"{where}.{k}" if where else k)
-            if d:
-                return d
-        return None
-    return None if a == b else f"{where}: {a!r} in the run, {b!r} asked for"
-
-
 def check_resumable(cfg: ExperimentConfig, vdir: str) -> None:
-    """Raise when ``vdir`` holds a run of a different config (see the module docstring)."""
-    path = os.path.join(vdir, "config.json")
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        old = json.load(f)
-    new = json.loads(json.dumps(to_config_dict(cfg)))
-    diff = _config_diff(old, new)
-    if diff:
-        raise ConfigError(f"{vdir} holds a run of another config ({diff}); use another --workdir "
-                          f"or delete {vdir}")
+    """Raise when ``vdir`` holds a run of a different config (see the module docstring): every
+    field must match, mesh and logging included."""
+    check_workdir_config(cfg, vdir, may_change=())
 
 
 # ----------------------------------------------------------------------------- running

@@ -511,6 +511,50 @@ def to_config_dict(cfg: ExperimentConfig) -> dict:
     return out
 
 
+def config_diff(a: Any, b: Any, where: str = "", ignore: tuple = ()) -> str | None:
+    """The first dotted field where two plain config dicts differ, as "field: A in the run, B
+    asked for" (None if equal); fields in ``ignore``, or inside a group named there, are skipped."""
+    if where and any(where == i or where.startswith(i + ".") for i in ignore):
+        return None
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = config_diff(a.get(k), b.get(k), f"{where}.{k}" if where else k, ignore)
+            if d:
+                return d
+        return None
+    return None if a == b else f"{where}: {a!r} in the run, {b!r} asked for"
+
+
+# What a run may resume with changed: the device layout, checkpointing, logging and evaluation,
+# and choices that change neither the parameters nor the schedule, data or maths of the run
+# (implementations tested equal, remat, microbatches, compute dtype, the loss chunking).
+RESUME_MAY_CHANGE = ("mesh", "checkpoint", "sft", "data.cache_dir", "train.log_every",
+                     "train.eval_every", "train.eval_batches", "train.peak_flops",
+                     "train.max_nonfinite_steps", "train.microbatches", "train.loss_chunk_size",
+                     "model.moe_impl", "model.attention_impl", "model.remat_policy",
+                     "model.scan_unroll", "model.dtype", "optim.ns_dtype")
+
+
+def check_workdir_config(cfg: "ExperimentConfig", workdir: str,
+                         may_change: tuple = RESUME_MAY_CHANGE) -> None:
+    """ConfigError when ``workdir/config.json`` holds a run of another config: resuming it
+    would restore checkpoints of other shapes, or replay its data phases and LR schedule on a
+    new plan (a changed ``train.steps`` rescales the phases). Fields in ``may_change`` may
+    differ. Nothing is read but that file."""
+    import json
+    import os
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    diff = config_diff(old, json.loads(json.dumps(to_config_dict(cfg))), ignore=may_change)
+    if diff:
+        raise ConfigError(f"{workdir} holds a run of another config ({diff}); use another "
+                          f"--workdir or delete {workdir}")
+
+
 def model_config(**overrides) -> ModelConfig:
     """Convenience: a validated ModelConfig from keyword overrides (tests, notebooks)."""
     cfg = _build(ModelConfig, overrides, "model")

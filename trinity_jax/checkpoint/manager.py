@@ -13,7 +13,6 @@ during an async save leaves no step that looks complete.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -44,27 +43,6 @@ def make_manager(directory: str, keep: int, async_save: bool):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=_ITEMS)
-
-
-def truncate_metrics(workdir: str, step: int) -> list[dict]:
-    """Drop metrics.jsonl records after `step` (in place: an open append handle stays valid)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    kept, lines = [], []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue                      # a line cut by a kill
-            if int(rec.get("step", 0)) <= step:
-                kept.append(rec)
-                lines.append(json.dumps(rec, allow_nan=True) + "\n")
-    with open(path, "r+") as f:
-        f.write("".join(lines))
-        f.truncate()
-    return kept
 
 
 class CheckpointCallback:
@@ -102,9 +80,8 @@ class CheckpointCallback:
                 continue
             run.state = restored.state
             self.restored_step = step
-            kept = truncate_metrics(run.workdir, step)
             if hasattr(run, "writer"):
-                run.writer.resume_at(step, kept)
+                run.writer.resume_at(step)      # metrics.jsonl and tb/ keep the steps <= step
             self.log(f"resumed from checkpoint step {step} ({self.directory})")
             break
         if self.handle_sigterm:

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from trinity_jax.config import ExperimentConfig, to_config_dict
+from trinity_jax.config import ExperimentConfig, check_workdir_config, to_config_dict
 from trinity_jax.model import Transformer, init_boxed, init_variables
 from trinity_jax.parallel import mesh as mesh_lib
 from trinity_jax.parallel import rules as rules_lib
@@ -93,6 +93,7 @@ def setup(cfg: ExperimentConfig, workdir: str, *, data=None, log: Callable = pri
     """Build mesh, data, model, optimizer, the jitted steps and (``init``) the sharded state."""
     is_main = jax.process_index() == 0
     mesh_lib.validate_mesh_for(cfg)               # ConfigError before anything compiles
+    check_workdir_config(cfg, workdir)            # ... or anything is written
     mesh = mesh_lib.make_mesh(cfg.mesh)
     log(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s)")
     if data is None:
@@ -171,6 +172,8 @@ def run_loop(run: Run, callbacks: Sequence[Callback] = ()) -> dict:
     if run.state is None:
         run.state = run.init_state()
     start = int(jax.device_get(run.state.step))
+    if start == 0:      # a fresh start: what an earlier run left in this workdir's metrics goes
+        run.writer.resume_at(0)
     total = tcfg.steps
     from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=start, disable=not run.is_main, dynamic_ncols=True,

@@ -14,7 +14,7 @@ import numpy as np
 
 from trinity_jax.model.mlp import dot_nn
 
-__all__ = ["MetricsWriter", "to_python", "flops_per_token", "measure_matmul_peak", "host_cpu", "describe_host",
+__all__ = ["MetricsWriter", "truncate_metrics", "to_python", "flops_per_token", "measure_matmul_peak", "host_cpu", "describe_host",
            "peak_flops_total", "plot_losses", "plot_expert_load"]
 
 
@@ -50,6 +50,27 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+def truncate_metrics(workdir: str, step: int) -> list[dict]:
+    """Drop metrics.jsonl records after `step` (in place: an open append handle stays valid)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    kept, lines = [], []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue                      # a line cut by a kill
+            if int(rec.get("step", 0)) <= step:
+                kept.append(rec)
+                lines.append(json.dumps(rec, allow_nan=True) + "\n")
+    with open(path, "r+") as f:
+        f.write("".join(lines))
+        f.truncate()
+    return kept
+
+
 class MetricsWriter:
     """One JSON object per line to ``workdir/metrics.jsonl`` and scalars to ``workdir/tb/``.
 
@@ -79,12 +100,14 @@ class MetricsWriter:
         except ImportError:  # flax's writer needs tensorflow; without tensorboardX skip TB
             self._tb = None
 
-    def resume_at(self, step: int, kept: list[dict]) -> None:
-        """After a restore to `step`: `kept` (metrics.jsonl's records up to it, the file already
-        truncated) become the records, and TensorBoard is told to drop the points after `step`
-        that the interrupted run wrote (a new event file opened with tensorboardX's
-        ``purge_step``), so the re-run steps do not appear twice."""
-        self.records = list(kept)
+    def resume_at(self, step: int) -> None:
+        """The run goes on from `step` (a restored checkpoint, or 0 for a fresh start in a used
+        workdir): metrics.jsonl keeps only the records up to it (they become ``records``), and
+        TensorBoard is told to drop the points after it that an earlier run wrote (a new event
+        file opened with tensorboardX's ``purge_step``), so re-run steps do not appear twice."""
+        if not self.enabled:
+            return
+        self.records = truncate_metrics(self.workdir, step)
         if self._tb is not None:
             self._tb.close()
             self._open_tb(purge_step=step + 1)
