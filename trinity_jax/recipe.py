@@ -17,7 +17,7 @@ import numpy as np
 
 from trinity_jax.checkpoint import variants as variants_lib
 from trinity_jax.checkpoint.manager import CheckpointCallback
-from trinity_jax.config import ExperimentConfig, to_config_dict
+from trinity_jax.config import ExperimentConfig, check_workdir_config, to_config_dict
 
 
 class VariantCallback:
@@ -89,6 +89,7 @@ def pretrain(cfg: ExperimentConfig, workdir: str, *, log: Callable = print, data
     from trinity_jax.data import build_data
     from trinity_jax.train import loop
 
+    check_workdir_config(cfg, workdir)        # before the data is built into the workdir
     if data is None:
         data = build_data(cfg, workdir, process_index=jax.process_index(), process_count=jax.process_count(),
                           log=log)
