@@ -92,6 +92,8 @@ def test_sft_batches_mask_and_resume(tok):
     fresh.train.set_state(state)
     for s, w in zip(sizes[1:], want[1:]):
         np.testing.assert_array_equal(fresh.train.next_batch(s)["loss_mask"], w["loss_mask"])
+    # tokens and stage, as the pre-training iterator reports them (a Preview's metadata)
+    assert (fresh.train.tokens_seen, fresh.train.phase_name) == (sum(sizes) * 48, "sft")
     halves = [SFTData(cfg(), tok, _convs(120), p, 2, log=lambda m: None) for p in (0, 1)]
     for s, w in zip(sizes, want):
         got = [h.train.next_batch(s) for h in halves]

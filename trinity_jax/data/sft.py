@@ -200,7 +200,8 @@ class _SFTIterator(grain.DatasetIterator):
     def __init__(self, data: "SFTData"):
         super().__init__()
         self._d = data
-        self.step, self.next = 0, 0
+        self.step, self.next, self.tokens_seen = 0, 0, 0
+        self.phase_name = "sft"      # (a Preview's metadata names its stage and tokens by these)
         self._stream = data.stream("train", repeat=True)
 
     def _layout(self) -> np.ndarray:
@@ -222,16 +223,18 @@ class _SFTIterator(grain.DatasetIterator):
                              f"process_count={pc}")
         layouts = [self._layout() for _ in range(batch_size)]
         self.step += 1
+        self.tokens_seen += batch_size * self._d.seq_len
         return self._d.materialize(layouts[pi * batch_size // pc:(pi + 1) * batch_size // pc], "train")
 
     def __next__(self) -> dict:
         return self.next_batch(self._d.batch_size)
 
     def get_state(self) -> dict:
-        return {"step": self.step, "next": self.next}
+        return {"step": self.step, "next": self.next, "tokens_seen": self.tokens_seen}
 
     def set_state(self, state: dict) -> None:
         self.step, self.next = int(state["step"]), int(state["next"])
+        self.tokens_seen = int(state.get("tokens_seen", self.step * self._d.batch_size * self._d.seq_len))
 
 
 class SFTData:
