@@ -125,7 +125,4 @@ def export_hf(model: LoadedModel, out_dir: str) -> str:
     """Write `model` as a Hugging Face AFMoE directory (loadable by AfmoeForCausalLM.from_pretrained)."""
     from trinity_jax.checkpoint import hf
 
-    path = hf.save_hf_dir(model.config, jax.device_get(model.variables), out_dir)
-    if model.tokenizer is not None and hasattr(model.tokenizer, "save"):
-        model.tokenizer.save(os.path.join(path, "tokenizer.json"))
-    return path
+    return hf.save_hf_dir(model.config, jax.device_get(model.variables), out_dir, tokenizer=model.tokenizer)

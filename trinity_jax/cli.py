@@ -8,9 +8,12 @@
     sft         --config FILE --workdir DIR                        only the SFT stage (Base -> Preview)
     plan        --config FILE [--mesh replica=16,fsdp=128,expert=8 --devices 2048]
     convert-hf  --hf HF_DIR --out OUT_DIR          import an AFMoE directory into a variant dir
-    export      --workdir DIR --variant base [--hf OUT]
+    export      --workdir DIR --variant base [--hf OUT] [--dtype D]   write an HF dir; --dtype re-saves the
+                variant itself in D (default: the variant is left as it is)
     generate    --model DIR --prompt "..." [--chat]
 
+Only train, sft and plan take `--config.a.b=v` overrides; other commands refuse them. An output
+directory that exists, is not empty and is not an earlier output of the same kind is refused.
 Errors in the input are printed as one line (`error: ...`) and exit with status 2;
 `--verbose` shows the traceback.
 """
@@ -94,13 +97,19 @@ def cmd_plan(args, overrides) -> int:
 
 def cmd_convert_hf(args, overrides) -> int:
     import trinity_jax as tj
+    from trinity_jax.checkpoint import hf
 
-    model = tj.load(args.hf)       # validates everything before writing
     try:
         from trinity_jax.checkpoint import variants
     except ImportError:
         variants = None
-    if variants is not None and hasattr(variants, "save_variant") and not args.as_hf:
+    as_variant = variants is not None and hasattr(variants, "save_variant") and not args.as_hf
+    if as_variant:                 # refuse an unrelated --out before reading the model
+        variants.check_variant_output_dir(args.out)
+    else:
+        hf.check_hf_output_dir(args.out)
+    model = tj.load(args.hf)       # validates everything before writing
+    if as_variant:
         path = variants.save_variant(model, args.out, name=os.path.basename(os.path.normpath(args.out)),
                                      metadata={"source": os.path.abspath(args.hf)})
     else:
@@ -171,12 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host)")
     t.add_argument("--num-processes", type=int, default=None)
     t.add_argument("--process-id", type=int, default=None)
-    t.set_defaults(fn=cmd_pretrain)
+    t.set_defaults(fn=cmd_pretrain, takes_overrides=True)
 
     s = sub.add_parser("sft", help="run only the SFT stage (Base -> Preview) of a workdir")
     s.add_argument("--config", required=True)
     s.add_argument("--workdir", required=True)
-    s.set_defaults(fn=cmd_sft)
+    s.set_defaults(fn=cmd_sft, takes_overrides=True)
 
     pl = sub.add_parser("plan", help="parameter / FLOP counts; with --mesh, per-device memory and time")
     pl.add_argument("--config", required=True)
@@ -184,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--devices", type=int, default=None)
     pl.add_argument("--peak-flops", type=float, default=989e12, help="per-device peak FLOP/s (H100 bf16 dense)")
     pl.add_argument("--bandwidth", type=float, default=400e9, help="per-device interconnect bytes/s")
-    pl.set_defaults(fn=cmd_plan)
+    pl.set_defaults(fn=cmd_plan, takes_overrides=True)
 
     c = sub.add_parser("convert-hf", help="import a Hugging Face AFMoE directory")
     c.add_argument("--hf", required=True, help="directory with config.json + safetensors")
@@ -196,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workdir", required=True)
     e.add_argument("--variant", required=True, choices=("truebase", "base", "preview"))
     e.add_argument("--hf", default=None, help="also write a Hugging Face directory here")
-    e.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    e.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+                   help="re-save the variant itself in this dtype (default: leave the variant untouched)")
     e.set_defaults(fn=cmd_export)
 
     g = sub.add_parser("generate", help="sample from a model directory, streaming tokens")
@@ -226,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             return ablate.main(argv[1:])
         rest, overrides = _split_overrides(argv)
         args = build_parser().parse_args(rest)
+        if overrides and not getattr(args, "takes_overrides", False):
+            key, val = next(iter(overrides.items()))
+            raise ValueError(f"--config.{key}={val}: the {args.command} command takes no --config overrides "
+                             "(only train, sft and plan do)")
         fn: Callable = args.fn
         return int(fn(args, overrides) or 0)
     except USER_ERRORS as e:

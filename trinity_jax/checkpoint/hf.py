@@ -24,6 +24,23 @@ _HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediat
               "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "num_experts",
               "num_experts_per_tok", "num_shared_experts", "route_scale", "global_attn_every_n_layers",
               "sliding_window", "mup_enabled", "tie_word_embeddings")
+# What transformers' `AfmoeConfig` uses for a key that config.json leaves out (the dataclass defaults in
+# transformers/models/afmoe/configuration_afmoe.py, transformers 5.24; rope_theta from its default
+# rope_parameters). `from_pretrained` fills missing keys from these, so import does too -- not from our
+# ModelConfig, whose defaults differ (µP on, window 64, k=4, ...). num_key_value_heads None = num_attention_heads.
+# tests/test_cli_export.py compares this table with `transformers.AfmoeConfig()`.
+AFMOE_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 200192, "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 1408,
+    "num_hidden_layers": 32, "num_dense_layers": 1, "num_attention_heads": 16, "num_key_value_heads": None,
+    "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 16384, "rms_norm_eps": 1e-5,
+    "num_experts": 64, "num_experts_per_tok": 6, "num_shared_experts": 2, "route_scale": 1.0,
+    "global_attn_every_n_layers": 4, "sliding_window": 1024, "mup_enabled": False, "tie_word_embeddings": False,
+    "rope_theta": 10000.0}
+# Missing from config.json these are refused rather than defaulted (a trimmed config cannot mean 2048 wide).
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+# Files an HF export directory may hold; a non-empty directory with anything else is not overwritten.
+_HF_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 # Values hub configs may carry; anything else for these keys is rejected.
 _ACCEPTED = {"score_func": ("sigmoid",), "route_norm": (True,), "n_group": (1, None),
              "topk_group": (1, None), "attention_bias": (False,), "model_type": ("afmoe",)}
@@ -44,15 +61,22 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides)
     if rope.get("rope_type", "default") != "default":
         raise HFFormatError(f"{source}: rope_parameters.rope_type={rope.get('rope_type')!r} is not supported; "
                             "allowed: ['default']")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    kw: dict[str, Any] = {k: hf[k] for k in _HF_FIELDS if k in hf and hf[k] is not None}
-    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-               if k not in kw]
+    theta = rope.get("rope_theta", hf.get("rope_theta", AFMOE_DEFAULTS["rope_theta"]))
+    missing = [k for k in _REQUIRED if hf.get(k) is None]
     if missing:
         raise HFFormatError(f"{source}: missing required field {missing[0]!r}")
-    kw["rope_theta"] = float(theta)
-    if kw.get("head_dim") is None:
+    # absent keys: AfmoeConfig's defaults (as from_pretrained); an explicit null head_dim / num_key_value_heads
+    # is what transformers' modeling code reads as hidden_size // heads / num_attention_heads.
+    kw: dict[str, Any] = {k: hf.get(k, AFMOE_DEFAULTS[k]) for k in _HF_FIELDS}
+    if kw["num_key_value_heads"] is None:
+        kw["num_key_value_heads"] = kw["num_attention_heads"]
+    if kw["head_dim"] is None:
         kw["head_dim"] = kw["hidden_size"] // kw["num_attention_heads"]
+    nulls = [k for k in _HF_FIELDS if kw[k] is None]
+    if nulls:
+        raise HFFormatError(f"{source}: {nulls[0]}=null is not supported; give a value or leave the key out "
+                            f"(then AfmoeConfig's default {AFMOE_DEFAULTS[nulls[0]]!r} applies)")
+    kw["rope_theta"] = float(theta)
     for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = hf.get(tok)
         if isinstance(v, list):
@@ -286,17 +310,68 @@ def load_hf_dir(path: str, **config_overrides) -> tuple[ModelConfig, dict]:
     return cfg, params_from_hf(cfg, sd, path)
 
 
-def save_hf_dir(cfg: ModelConfig, variables: dict, out_dir: str) -> str:
-    """Write config.json + model.safetensors (per-expert layout). Atomic: a temp dir renamed into place."""
+def _not_hf_export(path: str, names: list[str]) -> list[str]:
+    """Entries that stop `path` being an earlier HF export (config.json, *.safetensors and only the files
+    an export holds); [] when it is one."""
+    odd = [n for n in names if not ((n in _HF_FILES or n.endswith(".safetensors"))
+                                    and os.path.isfile(os.path.join(path, n)))]
+    if odd or ("config.json" in names and any(n.endswith(".safetensors") for n in names)):
+        return odd
+    return names
+
+
+def check_output_dir(path: str, kind: str, not_same_kind) -> None:
+    """Refuse to replace `path` unless it is missing, empty, or an earlier output of this kind
+    (`not_same_kind(path, names)` lists the entries that say otherwise); raised before anything is
+    written, so an unrelated directory is never deleted."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise ValueError(f"{path}: exists and is not a directory; the {kind} output must be a new or empty "
+                         "directory (or an earlier export, which is replaced)")
+    names = sorted(os.listdir(path))
+    odd = not_same_kind(path, names) if names else []
+    if odd:
+        raise ValueError(f"{path}: directory is not empty and is not an earlier {kind} export (it holds "
+                         f"{', '.join(repr(n) for n in odd[:3])}{' ...' if len(odd) > 3 else ''}); refusing to "
+                         "replace it: choose a new or empty directory, or remove it yourself")
+
+
+def check_hf_output_dir(path: str) -> None:
+    """`path` may receive an HF export: missing, empty, or an earlier HF export."""
+    check_output_dir(os.path.abspath(path), "Hugging Face", _not_hf_export)
+
+
+def move_into_place(tmp: str, path: str) -> None:
+    """Rename the finished temp dir `tmp` to `path`; an old `path` is moved aside first (to a name unique to
+    `tmp`, never a fixed `path.old` that could be someone's) and deleted only once the new one is in place.
+    If the second rename fails the old directory is put back; a crash between them leaves it at `tmp.old`."""
+    if not os.path.lexists(path):
+        os.replace(tmp, path)
+        return
+    old = tmp + ".old"
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_hf_dir(cfg: ModelConfig, variables: dict, out_dir: str, tokenizer=None) -> str:
+    """Write config.json + model.safetensors (per-expert layout) [+ tokenizer.json]. Atomic: a temp dir
+    renamed into place; `out_dir` must be missing, empty or an earlier HF export (else nothing is written)."""
     from safetensors.numpy import save_file
 
+    out_dir = os.path.abspath(out_dir)
+    check_hf_output_dir(out_dir)
     hf_cfg = config_to_hf(cfg)                 # validates before anything is written
     sd = params_to_hf(cfg, variables)
     expected = _expected_shapes(cfg)
     for key, shape in expected.items():
         if key not in sd or sd[key].shape != shape:
             raise HFFormatError(f"export: {key} has shape {sd[key].shape}, expected {shape}")
-    out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
@@ -307,14 +382,9 @@ def save_hf_dir(cfg: ModelConfig, variables: dict, out_dir: str) -> str:
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
                        "pad_token_id": cfg.pad_token_id}, f, indent=2)
-        if os.path.exists(out_dir):
-            old = out_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        if tokenizer is not None and hasattr(tokenizer, "save"):
+            tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

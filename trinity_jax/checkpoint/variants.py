@@ -6,8 +6,9 @@ A variant directory holds
     experiment.json  the full resolved experiment config it came from (if any)
     tokenizer.json   the tokenizer (if any)
     metadata.json    name, dtype, step, tokens_seen, phase, parent, source commit, created
-and is written atomically (temp dir renamed into place), so a reader never sees half a variant.
-`tj.load(path)` loads it; `export(workdir, name, hf_dir=...)` re-exports on demand.
+and is written atomically (temp dir renamed into place), so a reader never sees half a variant; it replaces
+only a missing or empty directory or an earlier variant. `tj.load(path)` loads it; `export(workdir, name,
+hf_dir=...)` re-exports on demand and leaves the variant itself untouched unless asked for another dtype.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trinity_jax.checkpoint.hf import check_hf_output_dir, check_output_dir, move_into_place
 from trinity_jax.config import ConfigError, ModelConfig, model_config
 
 VARIANTS = ("truebase", "base", "preview")
@@ -46,6 +48,12 @@ def is_variant_dir(path: str) -> bool:
             and os.path.isdir(os.path.join(path, "params")))
 
 
+def check_variant_output_dir(path: str) -> None:
+    """`path` may receive a variant: missing, empty, or an earlier variant (has its metadata.json)."""
+    check_output_dir(os.path.abspath(path), "variant",
+                     lambda p, names: [] if _MARKER in names else names)
+
+
 def _cast(tree: Any, dtype: str) -> Any:
     dt = jnp.dtype(dtype)
     return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)).astype(dt), tree)
@@ -53,12 +61,14 @@ def _cast(tree: Any, dtype: str) -> Any:
 
 def save_variant(model, path: str, *, name: str, metadata: dict | None = None, dtype: str = "bfloat16",
                  experiment: dict | None = None) -> str:
-    """Write `model` (a LoadedModel) as a variant directory at `path` (replacing an old one atomically)."""
+    """Write `model` (a LoadedModel) as a variant directory at `path` (replacing an old variant atomically;
+    any other non-empty directory there is refused before anything is written)."""
     import orbax.checkpoint as ocp
 
     if dtype not in ("bfloat16", "float32", "float16"):
         raise ConfigError(f"variant dtype={dtype!r}: allowed bfloat16, float32, float16")
     path = os.path.abspath(path)
+    check_variant_output_dir(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
@@ -85,12 +95,7 @@ def save_variant(model, path: str, *, name: str, metadata: dict | None = None, d
         meta.update(metadata or {})
         with open(os.path.join(tmp, _MARKER), "w") as f:       # written last: marks the dir complete
             json.dump(meta, f, indent=2)
-        old = path + ".old"
-        if os.path.exists(path):
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -131,15 +136,28 @@ def load_variant(path: str, compute_dtype: str | None = None):
 
 
 def export(workdir: str, name: str, *, hf_dir: str | None = None, dtype: str | None = None) -> str:
-    """Re-export variant `name` of a training workdir (optionally in another dtype and/or as HF)."""
+    """Re-export variant `name` of a training workdir as an HF directory and/or re-save it in `dtype`.
+
+    The variant on disk is rewritten only when `dtype` is given and differs from its own (keeping its
+    experiment.json, tokenizer and metadata); `dtype=None` leaves it byte-for-byte as it is."""
     if name not in VARIANTS:
         raise ConfigError(f"--variant {name!r}: allowed {list(VARIANTS)}")
+    if dtype is not None and dtype not in ("bfloat16", "float32", "float16"):
+        raise ConfigError(f"--dtype {dtype!r}: allowed bfloat16, float32, float16")
     path = os.path.join(workdir, "variants", name)
     if not is_variant_dir(path):
         raise FileNotFoundError(f"{path}: variant {name!r} has not been written yet (train through its phase first)")
+    if hf_dir:
+        check_hf_output_dir(hf_dir)            # before the variant is touched or anything is written
     model = load_variant(path)
     if dtype is not None and dtype != model.metadata.get("dtype"):
-        save_variant(model, path, name=name, metadata=model.metadata | {"dtype": dtype}, dtype=dtype)
+        experiment = None
+        exp_path = os.path.join(path, "experiment.json")
+        if os.path.isfile(exp_path):
+            with open(exp_path) as f:
+                experiment = json.load(f)
+        save_variant(model, path, name=name, metadata=model.metadata | {"dtype": dtype}, dtype=dtype,
+                     experiment=experiment)
     if hf_dir:
         from trinity_jax.api import export_hf
         return export_hf(model, hf_dir)
