@@ -180,3 +180,22 @@ def test_trimmed_config_logits_equal_transformers(tmp_path):
     with torch.no_grad():
         ref = ref_model(torch.as_tensor(tokens)).logits.float().numpy()
     np.testing.assert_allclose(tj.load(path).logits(tokens), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_scaling": {"type": "linear", "factor": 4.0}},                         # old-style key
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+     "rope_scaling": {"rope_type": "linear", "factor": 4.0}},                     # beside a default
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "factor": 2.0}},
+])
+def test_rope_scaling_is_refused_not_ignored(rope):
+    """transformers turns each of these into scaled RoPE (inv_freq / 4); import used to accept
+    them and run plain RoPE (logits 3e-3 off HF's, growing with position)."""
+    hf_cfg = hf.config_to_hf(model_config(**CFG))
+    if "rope_parameters" not in rope:           # the old-style file has only rope_scaling
+        del hf_cfg["rope_parameters"]
+    hf_cfg.update(rope)
+    with pytest.raises(hf.HFFormatError, match=r"rope_(scaling|parameters)=.*RoPE scaling is not supported"):
+        hf.config_from_hf(hf_cfg)
+    plain = hf.config_from_hf(hf.config_to_hf(model_config(**CFG)))
+    assert plain.rope_theta == model_config(**CFG).rope_theta

@@ -147,3 +147,17 @@ def test_scan_unroll_auto_unrolls_16bit_stacks_on_cpu():
         return jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0])
     hlo = jax.jit(jax.grad(loss)).lower(v["params"]).compile().as_text()
     assert not re.findall(r"dynamic-update-slice_convert", hlo)
+
+
+def test_mup_embedding_scale_rounds_once_from_the_exact_product():
+    """bf16 embeddings times √3072 (Large's d): one rounding of the fp32 product with the exact
+    constant, as transformers computes it (torch's bf16 × float scalar); a bf16 constant (55.5
+    for 55.43) put ~a quarter of the elements one bf16 step off."""
+    from trinity_jax.model.transformer import mup_embedding_scale
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(4096) * 0.01, jnp.bfloat16)
+    got = np.asarray(mup_embedding_scale(x, 3072).astype(jnp.float32))
+    want = np.asarray(jnp.asarray(np.asarray(x, np.float64) * math.sqrt(3072), jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_array_equal(got, want)
+    naive = np.asarray((x * jnp.asarray(math.sqrt(3072), jnp.bfloat16)).astype(jnp.float32))
+    assert np.mean(naive != want) > 0.1
+    assert mup_embedding_scale(x, 3072).dtype == jnp.bfloat16

@@ -57,10 +57,16 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides)
     for key, allowed in _ACCEPTED.items():
         if key in hf and hf[key] not in allowed:
             raise HFFormatError(f"{source}: {key}={hf[key]!r} is not supported; allowed: {list(allowed)}")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise HFFormatError(f"{source}: rope_parameters.rope_type={rope.get('rope_type')!r} is not supported; "
-                            "allowed: ['default']")
+    # Both keys are read (transformers folds an old-style rope_scaling into rope_parameters, with
+    # "type" for "rope_type"): any scaling is refused, plain RoPE would silently differ from HF.
+    for key in ("rope_parameters", "rope_scaling"):
+        r = hf.get(key) or {}
+        kind = r.get("rope_type", r.get("type", "default"))
+        scaling = sorted(set(r) - {"rope_type", "type", "rope_theta"})
+        if kind != "default" or scaling:
+            raise HFFormatError(f"{source}: {key}={r!r}: RoPE scaling is not supported; allowed: "
+                                "rope_type 'default' with rope_theta only")
+    rope = hf.get("rope_parameters") or {}
     theta = rope.get("rope_theta", hf.get("rope_theta", AFMOE_DEFAULTS["rope_theta"]))
     missing = [k for k in _REQUIRED if hf.get(k) is None]
     if missing:

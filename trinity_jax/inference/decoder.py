@@ -19,7 +19,6 @@ larger chunks use `model.moe_impl`.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -30,6 +29,7 @@ from trinity_jax.inference.kv_cache import KVCache, ring_positions
 from trinity_jax.model.attention import apply_rope, attention_mask, dot_product_attention, rope_tables
 from trinity_jax.model.moe import ExpertWeights, get_moe_impl, route
 from trinity_jax.model.norms import rms_norm
+from trinity_jax.model.transformer import mup_embedding_scale
 
 __all__ = ["Hooks", "forward", "layer_params", "moe_token_gather", "moe_dense_matmul", "moe_path",
            "prepare_decode", "head_logits"]
@@ -260,7 +260,7 @@ def forward(variables: dict, cfg: ModelConfig, tokens, *, cache: KVCache | None 
     rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)      # once, shared by every layer
     x = jnp.take(params["embed_tokens"]["embedding"].astype(dtype), tokens, axis=0)   # [B, T, d]
     if cfg.mup_enabled:
-        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
+        x = mup_embedding_scale(x, cfg.hidden_size)
     inter: dict[str, list] = {n: [] for n in ("residual", "resid_mid", "attn_gate", "router_scores",
                                                "router_experts", "router_weights")}
     patches = hooks.patches or {}
