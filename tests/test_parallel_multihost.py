@@ -140,5 +140,18 @@ def test_resolve_args_env_and_slurm():
         resolve("c", 2, 0, env={})
 
 
+def test_one_slurm_task_per_node_owns_every_gpu_of_its_node():
+    """jax's SLURM detection gives each process the GPU of its SLURM_LOCALID: right for one
+    task per GPU, but with one task per node (launch_slurm.sh) each node's process got GPU 0
+    alone (256 nodes would build a 256-GPU mesh, not 2048); there it is switched off."""
+    from trinity_jax.parallel.distributed import _device_ids_kwargs
+    node = {"SLURM_PROCID": "3", "SLURM_NTASKS": "256", "SLURM_LOCALID": "0"}
+    assert _device_ids_kwargs({**node, "SLURM_NTASKS_PER_NODE": "1"}) == {"cluster_detection_method": "deactivate"}
+    assert _device_ids_kwargs({**node, "SLURM_NNODES": "256"}) == {"cluster_detection_method": "deactivate"}
+    assert _device_ids_kwargs({**node, "SLURM_NTASKS_PER_NODE": "8"}) == {}   # one task per GPU
+    assert _device_ids_kwargs({**node, "SLURM_NNODES": "32"}) == {}
+    assert _device_ids_kwargs({}) == {}                                      # not under SLURM
+
+
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
     _worker(sys.argv[2])

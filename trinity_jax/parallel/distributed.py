@@ -150,11 +150,24 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
         return spec
     kwargs: dict[str, Any] = dict(coordinator_address=spec.coordinator_address,
                                   num_processes=spec.num_processes, process_id=spec.process_id,
-                                  initialization_timeout=timeout_s)
-    # GPU: one process per node sees all its GPUs (or jax's SLURM detection picks
-    # local_device_ids from SLURM_LOCALID when several tasks share a node).
+                                  initialization_timeout=timeout_s, **_device_ids_kwargs(os.environ))
     jax.distributed.initialize(**kwargs)
     return spec
+
+
+def _device_ids_kwargs(env: Mapping[str, str]) -> dict:
+    """Which local devices a process takes. Under SLURM, jax's cluster detection restricts each
+    process to the GPU of its SLURM_LOCALID (right for one task per GPU); with one task per
+    node (scripts/launch_slurm.sh) that left each node's process with GPU 0 alone, so the
+    detection is switched off there and the process owns every GPU of its node. Everything it
+    would detect (coordinator, process count and id) is already resolved."""
+    if "SLURM_PROCID" not in env:
+        return {}
+    per_node = _int(env, "SLURM_NTASKS_PER_NODE")
+    if per_node is None:
+        tasks, nodes = _int(env, "SLURM_NTASKS"), _int(env, "SLURM_NNODES")
+        per_node = tasks // nodes if tasks and nodes and tasks % nodes == 0 else None
+    return {"cluster_detection_method": "deactivate"} if per_node == 1 else {}
 
 
 def process_batch_slice(global_batch: int, mesh: Optional[Mesh] = None) -> slice:
