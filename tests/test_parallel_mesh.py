@@ -43,6 +43,8 @@ def test_inferred_axis_and_order():
     (MeshConfig(replica=1, fsdp=1, expert=1, tensor=8), {}, "mesh.tensor=8 must divide model.num_attention_heads=4"),
     (MeshConfig(replica=2, fsdp=4, expert=1, tensor=1), dict(batch=4), "train.batch_size=4 must be divisible by the data-parallel size replica*fsdp*expert=2*4*1=8"),
     (MeshConfig(replica=2, fsdp=4, expert=1, tensor=1), dict(batch=16, micro=4), "the microbatch) must be divisible"),
+    (MeshConfig(replica=1, fsdp=2, expert=2, tensor=2), dict(moe_intermediate_size=15),
+     "mesh.tensor=2 must divide model.moe_intermediate_size=15"),
 ])
 def test_validate_mesh_errors_name_the_numbers(mesh, kw, msg):
     batch, micro = kw.pop("batch", 8), kw.pop("micro", 1)

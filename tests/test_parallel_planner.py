@@ -42,6 +42,11 @@ def test_fixed_buffers_vs_ragged_all_to_all():
     assert capped["a2a_bytes_per_moe_layer"] == pytest.approx(
         1.5 * capped["a2a_ragged_bytes_per_moe_layer"])
     assert capped["hw_flops_step"] < dropless["hw_flops_step"]
+    # a factor above ep is what the code caps it at (expert.buffer_rows): the dropless plan
+    over = planner.plan(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, ep_buffer_factor=16)),
+                        LARGE_MESH, 2048)
+    assert over["hw_flops_step"] == pytest.approx(dropless["hw_flops_step"])
+    assert over["a2a_bytes_per_moe_layer"] == pytest.approx(dropless["a2a_bytes_per_moe_layer"])
 
 
 def test_mesh_must_match_device_count():

@@ -66,11 +66,13 @@ def test_metrics_jsonl_has_every_field_each_log_step(trained):
     run, workdir, _, _ = trained
     recs = _records(workdir)
     assert [r["step"] for r in recs] == [10, 20, 30, 40]
-    need = ("step loss ce z_loss balance_loss grad_norm lr lr_muon lr_adam tokens_seen tokens_per_s "
-            "mfu logit_max logit_mean max_vio max_vio_layers dead_frac bias_norm batchhet phase").split()
+    need = ("step loss ce z_loss balance_loss dropped grad_norm lr lr_muon lr_adam tokens_seen "
+            "tokens_per_s mfu logit_max logit_mean max_vio max_vio_layers dead_frac bias_norm batchhet "
+            "phase").split()
     for r in recs:
         missing = [k for k in need if k not in r]
         assert not missing, missing
+        assert r["dropped"] == 0.0                                      # dropless
         assert len(r["max_vio_layers"]) == 2 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
     tps = [r["tokens_per_s"] for r in recs]          # eval steps (20, 40) must not skew tokens/s
     assert max(tps) / min(tps) < 10, tps
@@ -311,3 +313,19 @@ def test_a_fresh_start_in_a_used_workdir_replaces_its_metrics(tmp_path):
     for _ in range(2):
         loop.train(cfg, str(tmp_path), data=SyntheticData(64, 32, steps=3), log=lambda *a: None)
     assert [r["step"] for r in _records(str(tmp_path))] == [1, 2, 3]
+
+
+def test_dropped_token_slots_are_reported(tmp_path):
+    """With capacity dropping (model.capacity_factor; expert-parallel buffers drop the same
+    way) the step's metrics carry the dropped fraction of token-slots, the model's own figure
+    averaged over the MoE layers; it was computed by the model and thrown away."""
+    cfg = from_config_dict({**TINY, "model": {**TINY["model"], "capacity_factor": 0.5}})
+    run = loop.setup(cfg, str(tmp_path), data=SyntheticData(64, 32, steps=1), log=lambda *a: None)
+    batch = run.to_device(run.data.train.next_batch(8))
+    _, aux = run.model.apply({"params": run.state.params, "balance": run.state.balance},
+                             batch["inputs"], positions=batch["positions"],
+                             segment_ids=batch["segment_ids"], return_hidden=True)
+    _, metrics = run.train_step(run.state, batch)
+    want = float(np.mean(aux["dropped"]))
+    assert want >= 0.2                               # half the mean load per expert is kept
+    np.testing.assert_allclose(float(metrics["dropped"]), want, rtol=1e-6)

@@ -86,7 +86,7 @@ def validate_mesh_for(cfg: ExperimentConfig, n_devices: Optional[int] = None) ->
 
     Raises ConfigError (naming the fields and the numbers) when: the mesh product differs
     from the device count; ``expert`` does not divide ``model.num_experts``; ``tensor`` does
-    not divide the query or kv heads; or the global (micro)batch is not divisible by the
+    not divide the query or kv heads, or (expert parallel) the experts' width; or the global (micro)batch is not divisible by the
     data-parallel size replica*fsdp*expert.
     """
     if n_devices is None:
@@ -99,6 +99,10 @@ def validate_mesh_for(cfg: ExperimentConfig, n_devices: Optional[int] = None) ->
         elif m.num_experts % sizes["expert"]:
             raise ConfigError(
                 f"mesh.expert={sizes['expert']} must divide model.num_experts={m.num_experts}")
+        elif m.moe_intermediate_size % sizes["tensor"]:    # the expert shard_map splits it
+            raise ConfigError(
+                f"mesh.tensor={sizes['tensor']} must divide model.moe_intermediate_size="
+                f"{m.moe_intermediate_size} (with mesh.expert > 1 the experts' width is split over it)")
     t = sizes["tensor"]
     if m.num_attention_heads % t:
         raise ConfigError(

@@ -99,7 +99,7 @@ def _fill(cfg: ExperimentConfig, sizes: dict) -> float:
     if ep == 1:
         return 1.0
     f = cfg.mesh.ep_buffer_factor
-    return float(ep) if f <= 0 else float(f)
+    return float(ep) if f <= 0 else float(min(f, ep))     # the buffers are capped at ep x (expert.py)
 
 
 def activation_bytes(cfg: ExperimentConfig, sizes: dict) -> dict:

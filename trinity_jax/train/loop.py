@@ -159,7 +159,7 @@ def evaluate(run: Run) -> dict:
     return {"val_loss": ce / count, "val_tokens": count}
 
 
-_LOGGED = ("loss", "ce", "z_loss", "balance_loss", "grad_norm", "lr_muon", "lr_adam",
+_LOGGED = ("loss", "ce", "z_loss", "balance_loss", "dropped", "grad_norm", "lr_muon", "lr_adam",
            "logit_max", "logit_mean", "max_vio", "max_vio_layers", "dead_frac", "bias_norm",
            "batchhet", "microbatch_losses", "nonfinite", "tokens")
 

@@ -68,6 +68,10 @@ def _forward_losses(model, train_cfg, params, balance, batch, num_tokens, balanc
     loss, parts = combine_losses(sums, aux["balance"], num_tokens=num_tokens,
                                  balance_loss_weight=train_cfg.balance_loss_weight,
                                  balance_scale=balance_scale)
+    # token-slots dropped (expert-parallel buffers, capacity_factor), mean over MoE layers,
+    # weighted across microbatches like the balance loss: 0 for a dropless run
+    dropped = jax.lax.stop_gradient(aux.get("dropped", jnp.zeros((0,), jnp.float32)))
+    parts["dropped"] = jnp.sum(dropped) / max(dropped.size, 1) * balance_scale
     return loss, (sums, aux["counts"], parts)
 
 
@@ -116,7 +120,7 @@ def accumulate_gradients(cfg, model: nn.Module, params, balance, batch: dict):
     init = (jax.tree.map(jnp.zeros_like, params), zero,
             LossSums.zeros(),
             jnp.zeros(counts_shape, jnp.float32),
-            {"ce": zero, "z_loss": zero, "balance_loss": zero})
+            {"ce": zero, "z_loss": zero, "balance_loss": zero, "dropped": zero})
     (grads, loss, sums, counts, parts), mb_ce = jax.lax.scan(body, init, _split_microbatches(batch, m))
     return loss, grads, sums, counts, parts, mb_ce
 
