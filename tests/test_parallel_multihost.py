@@ -75,7 +75,7 @@ def run_steps():
             local = {k: v[rows] for k, v in _global_batch(i).items()}
             state, metrics = step(state, distributed.make_global_batch(local, mesh))
             losses.append(float(metrics["loss"]))
-    return losses
+    return losses, state, cfg
 
 
 def _worker(out_path):
@@ -83,7 +83,14 @@ def _worker(out_path):
     spec = distributed.initialize(platform="cpu")
     import jax
     assert jax.process_count() == spec.num_processes == 2 and jax.local_device_count() == 4
-    losses = run_steps()
+    losses, state, cfg = run_steps()
+    # the variant callback of a multi-process run: every process writes its shards (it used to
+    # be process 0 alone, whose device_get of arrays spanning both processes raised)
+    from types import SimpleNamespace
+
+    from trinity_jax.recipe import VariantCallback
+    run = SimpleNamespace(state=state, data=SimpleNamespace(train=None), is_main=jax.process_index() == 0)
+    VariantCallback(os.path.dirname(out_path), cfg, None, "base", step=None, log=lambda *a: None).export(run, STEPS)
     if jax.process_index() == 0:
         with open(out_path, "w") as f:
             json.dump(losses, f)
@@ -113,9 +120,19 @@ def test_two_processes_match_one_process(tmp_path):
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
     multi = json.loads(out.read_text())
-    single = run_steps()                       # this pytest process: 1 process × 8 devices
+    single, state, _ = run_steps()             # this pytest process: 1 process × 8 devices
     assert len(multi) == STEPS and np.all(np.isfinite(multi))
     np.testing.assert_allclose(multi, single, rtol=1e-5)
+    # the 2-process run's variant loads here (one process, other devices) and holds its params:
+    # the single-process params rounded to the variant's bf16, to a bf16 step (the two runs'
+    # params differ by float noise, which can cross a rounding boundary)
+    import jax
+    import trinity_jax as tj
+    variant = tj.load(str(tmp_path / "variants" / "base"))
+    assert variant.metadata["step"] == STEPS
+    for got, want in zip(jax.tree.leaves(variant.params), jax.tree.leaves(jax.device_get(state.params))):
+        want = np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-6)
 
 
 def test_resolve_args_env_and_slurm():

@@ -31,17 +31,15 @@ class VariantCallback:
         self.log = log
 
     def export(self, run, step: int) -> None:
-        from trinity_jax.api import LoadedModel
-
-        if not run.is_main:
-            return
-        variables = {"params": jax.device_get(run.state.params), "balance": jax.device_get(run.state.balance)}
-        model = LoadedModel(self.cfg.model, variables, self.tokenizer)
+        """Every process takes part (a multi-process state's arrays span them all)."""
         meta = {"step": step, "phase": getattr(run.data.train, "phase_name", ""),
                 "tokens_seen": int(getattr(run.data.train, "tokens_seen", 0)), **self.metadata}
-        variants_lib.save_variant(model, self.path, name=self.name, metadata=meta,
-                                  dtype=self.cfg.checkpoint.variant_dtype, experiment=to_config_dict(self.cfg))
-        self.log(f"wrote variant {self.name} (step {step}) to {self.path}")
+        variants_lib.save_variant_arrays({"params": run.state.params, "balance": run.state.balance},
+                                         self.cfg.model, self.path, name=self.name, metadata=meta,
+                                         dtype=self.cfg.checkpoint.variant_dtype,
+                                         experiment=to_config_dict(self.cfg), tokenizer=self.tokenizer)
+        if run.is_main:
+            self.log(f"wrote variant {self.name} (step {step}) to {self.path}")
 
     def on_step_end(self, run, step: int, metrics) -> None:
         if self.step is not None and step == self.step:

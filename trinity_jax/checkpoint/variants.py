@@ -55,7 +55,12 @@ def check_variant_output_dir(path: str) -> None:
 
 
 def _cast(tree: Any, dtype: str) -> Any:
+    """Leaves in `dtype`: on the host, except in a multi-process run, where global arrays stay
+    sharded on their devices (every process takes part; none holds the whole model)."""
     dt = jnp.dtype(dtype)
+    if jax.process_count() > 1:
+        return jax.tree_util.tree_map(lambda x: x.astype(dt) if isinstance(x, jax.Array)
+                                      else np.asarray(x).astype(dt), tree)
     return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)).astype(dt), tree)
 
 
@@ -63,6 +68,23 @@ def save_variant(model, path: str, *, name: str, metadata: dict | None = None, d
                  experiment: dict | None = None) -> str:
     """Write `model` (a LoadedModel) as a variant directory at `path` (replacing an old variant atomically;
     any other non-empty directory there is refused before anything is written)."""
+    return save_variant_arrays(model.variables, model.config, path, name=name, metadata=metadata,
+                               dtype=dtype, experiment=experiment, tokenizer=model.tokenizer)
+
+
+def _sync(tag: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(tag)
+
+
+def save_variant_arrays(variables: dict, config: ModelConfig, path: str, *, name: str,
+                        metadata: dict | None = None, dtype: str = "bfloat16",
+                        experiment: dict | None = None, tokenizer=None) -> str:
+    """`save_variant` for variables that may be global arrays of a multi-process run (a train
+    state's): then every process calls it, Orbax writes each process's shards into a temp
+    directory of a name they share, and process 0 writes the rest and moves it into place
+    (no process gathers the whole model). Single-process: any arrays, a private temp dir."""
     import orbax.checkpoint as ocp
 
     if dtype not in ("bfloat16", "float32", "float16"):
@@ -71,33 +93,42 @@ def save_variant(model, path: str, *, name: str, metadata: dict | None = None, d
     check_variant_output_dir(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
+    main, multi = jax.process_index() == 0, jax.process_count() > 1
+    if multi:
+        tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-shared")
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _sync(f"variant {name}: temp dir")
+    else:
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
     try:
-        tree = {"params": _cast(model.variables["params"], dtype)}
-        if "balance" in model.variables:
-            tree["balance"] = _cast(model.variables["balance"], "float32")   # expert_bias stays fp32
-        ckptr = ocp.PyTreeCheckpointer()
-        ckptr.save(os.path.join(tmp, "params"), tree)
-        with open(os.path.join(tmp, "model.json"), "w") as f:
-            json.dump(dataclasses.asdict(model.config), f, indent=2)
-        if experiment is not None:
-            with open(os.path.join(tmp, "experiment.json"), "w") as f:
-                json.dump(experiment, f, indent=2)
-        tok = model.tokenizer
-        if tok is not None:
-            src = getattr(tok, "path", None)
-            if src and os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(tmp, "tokenizer.json"))
-            elif hasattr(tok, "save"):
-                tok.save(os.path.join(tmp, "tokenizer.json"))
-        meta = {"name": name, "dtype": dtype, "source_commit": source_commit(),
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        meta.update(metadata or {})
-        with open(os.path.join(tmp, _MARKER), "w") as f:       # written last: marks the dir complete
-            json.dump(meta, f, indent=2)
-        move_into_place(tmp, path)
+        tree = {"params": _cast(variables["params"], dtype)}
+        if "balance" in variables:
+            tree["balance"] = _cast(variables["balance"], "float32")   # expert_bias stays fp32
+        ocp.PyTreeCheckpointer().save(os.path.join(tmp, "params"), tree)
+        if main:
+            with open(os.path.join(tmp, "model.json"), "w") as f:
+                json.dump(dataclasses.asdict(config), f, indent=2)
+            if experiment is not None:
+                with open(os.path.join(tmp, "experiment.json"), "w") as f:
+                    json.dump(experiment, f, indent=2)
+            if tokenizer is not None:
+                src = getattr(tokenizer, "path", None)
+                if src and os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(tmp, "tokenizer.json"))
+                elif hasattr(tokenizer, "save"):
+                    tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+            meta = {"name": name, "dtype": dtype, "source_commit": source_commit(),
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            meta.update(metadata or {})
+            with open(os.path.join(tmp, _MARKER), "w") as f:       # written last: marks the dir complete
+                json.dump(meta, f, indent=2)
+            move_into_place(tmp, path)
+        _sync(f"variant {name}: in place")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
@@ -124,7 +155,13 @@ def load_variant(path: str, compute_dtype: str | None = None):
         cfg = dataclasses.replace(cfg, dtype=compute_dtype)
     with open(os.path.join(path, _MARKER)) as f:
         meta = json.load(f)
-    tree = ocp.PyTreeCheckpointer().restore(os.path.join(path, "params"))
+    # Restored as host arrays whatever devices wrote them (a multi-process run's variant holds
+    # the shardings of its devices, which a notebook does not have).
+    ckptr, params_dir = ocp.PyTreeCheckpointer(), os.path.join(path, "params")
+    saved = ckptr.metadata(params_dir)
+    saved = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+    tree = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
     variables = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x), jnp.float32), tree)
     tok = None
     tok_path = os.path.join(path, "tokenizer.json")
