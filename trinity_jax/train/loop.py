@@ -235,20 +235,20 @@ def run_loop(run: Run, callbacks: Sequence[Callback] = ()) -> dict:
             phase = getattr(run.data.train, "phase_name", "")
             seen = getattr(run.data.train, "tokens_seen", None)
             run.state, metrics = run.train_step(run.state, batch)
+            # The previous step is logged while this one runs, before the callbacks (a
+            # checkpoint save waits for this step) and any evaluation: its clock stops when its
+            # own metrics arrive, not after this step's work.
+            if pending is not None:
+                process(pending, force_log=False)
+                pending = None
             try:
                 for cb in callbacks:
                     getattr(cb, "on_step_end", lambda *a: None)(run, step + 1, metrics)
             except SystemExit:      # a callback stops the run (SIGTERM save): log what was run
-                if pending is not None:
-                    process(pending, force_log=True)
                 process((step + 1, metrics, phase, bs, seen), force_log=True)
                 bar.close()
                 run.writer.close()
                 raise
-            # The previous step is logged while this one runs, and before any evaluation: its
-            # clock stops when its own metrics arrive, not after this step's work.
-            if pending is not None:
-                process(pending, force_log=False)
             if step + 1 == total or (tcfg.eval_every > 0 and (step + 1) % tcfg.eval_every == 0):
                 jax.block_until_ready(run.state)   # the step's own time stays in tokens/s
                 t_eval = time.perf_counter()
