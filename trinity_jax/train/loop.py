@@ -178,7 +178,7 @@ def run_loop(run: Run, callbacks: Sequence[Callback] = ()) -> dict:
     from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=start, disable=not run.is_main, dynamic_ncols=True,
                unit="step", desc="train")
-    pending = None               # (step_done, metrics, phase, batch_size, tokens_seen): fetched one step late
+    pending = None       # (step_done, metrics, phase, batch_size, tokens_seen): logged a step late
     window = {"t": None, "tokens": 0}
     consecutive_bad, counts_acc, last = 0, None, {}
     evals: dict[int, dict] = {}  # step -> validation metrics, evaluated right after that step
