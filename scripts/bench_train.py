@@ -262,7 +262,8 @@ def main() -> int:
         info = made[name][1]
         rows[name] = {**info, "step_s": step_s, "step_times_s": ts,
                       "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * fpt / peak[info["dtype"]]}
-    res = {"backend": backend, "host_cpu": host_cpu() if backend == "cpu" else None, "config": model, "batch": [n_batch, seq], "peak_flops": peak, "peaks_flops": peaks,
+    res = {"backend": backend, "host_cpu": host_cpu() if backend == "cpu" else None, "config": model,
+           "batch": [n_batch, seq], "peak_flops": peak, "peaks_flops": peaks,
            "rows": rows}
     print(f"\n{describe_host()}")
     print(f"train FLOPs/token {fpt / 1e6:.1f}M; median of {args.steps} interleaved rounds after "
