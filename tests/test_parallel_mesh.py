@@ -131,3 +131,15 @@ def test_batch_sharding_splits_rows():
     m = mesh_lib.make_mesh(MeshConfig(replica=2, fsdp=2, expert=2, tensor=1))
     a = jax.device_put(np.arange(16 * 3).reshape(16, 3), rules.batch_sharding(m))
     assert a.addressable_shards[0].data.shape == (2, 3)
+
+
+def test_tensor_group_must_stay_inside_a_process(monkeypatch):
+    """2 processes x 1 device with tensor=2: each process loads its own batch rows, but a tensor
+    group needs the same rows on all its devices (it failed later at batch assembly, "Invalid
+    host data"); refused up front. 2 processes x 4 devices with tensor=2 is fine."""
+    monkeypatch.setattr(mesh_lib.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(mesh_lib.jax, "local_device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"mesh\.tensor=2 must divide the devices of one process \(1\)"):
+        mesh_lib.validate_mesh_for(_exp(MeshConfig(replica=1, fsdp=1, expert=1, tensor=2), batch=2), 2)
+    monkeypatch.setattr(mesh_lib.jax, "local_device_count", lambda: 4)
+    mesh_lib.validate_mesh_for(_exp(MeshConfig(replica=1, fsdp=2, expert=2, tensor=2)), 8)

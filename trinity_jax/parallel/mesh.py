@@ -104,6 +104,13 @@ def validate_mesh_for(cfg: ExperimentConfig, n_devices: Optional[int] = None) ->
                 f"mesh.tensor={sizes['tensor']} must divide model.moe_intermediate_size="
                 f"{m.moe_intermediate_size} (with mesh.expert > 1 the experts' width is split over it)")
     t = sizes["tensor"]
+    local = jax.local_device_count() if jax.process_count() > 1 else n_devices
+    if local % t:
+        # devices are ordered by process with tensor innermost: a tensor group spanning two
+        # processes would need both to load the same batch rows (each loads its own)
+        raise ConfigError(
+            f"mesh.tensor={t} must divide the devices of one process ({local}): a tensor "
+            f"group cannot span processes")
     if m.num_attention_heads % t:
         raise ConfigError(
             f"mesh.tensor={t} must divide model.num_attention_heads={m.num_attention_heads}")
