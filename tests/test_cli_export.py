@@ -199,3 +199,16 @@ def test_rope_scaling_is_refused_not_ignored(rope):
         hf.config_from_hf(hf_cfg)
     plain = hf.config_from_hf(hf.config_to_hf(model_config(**CFG)))
     assert plain.rope_theta == model_config(**CFG).rope_theta
+
+
+def test_hf_directory_tokenizer_takes_the_configs_special_ids(tmp_path):
+    """tj.load of an HF directory: the tokenizer's bos/eos/pad are config.json's ids (generation
+    stops at eos_token_id); they were the built-in BPE's 1/2/0 whatever the config said."""
+    import tokenizers
+    cfg = model_config(**CFG, bos_token_id=7, eos_token_id=9, pad_token_id=8)
+    out = str(tmp_path / "hf")
+    hf.save_hf_dir(cfg, jax.device_get(_random_model().variables), out)
+    vocab = {f"w{i}": i for i in range(CFG["vocab_size"])}
+    tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w3")).save(os.path.join(out, "tokenizer.json"))
+    tok = tj.load(out).tokenizer
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (7, 9, 8)

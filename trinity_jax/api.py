@@ -109,7 +109,8 @@ def load(path: str) -> LoadedModel:
         tok = None
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             from trinity_jax.data.tokenizer import load_tokenizer
-            tok = load_tokenizer(os.path.join(path, "tokenizer.json"), cfg.vocab_size)
+            tok = load_tokenizer(os.path.join(path, "tokenizer.json"), cfg.vocab_size, pad_id=cfg.pad_token_id,
+                                 bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id)   # the config's ids
         return LoadedModel(cfg, variables, tok, {"format": "huggingface"}, path)
     try:
         from trinity_jax.checkpoint import variants
