@@ -163,6 +163,16 @@ def test_mfu_peak_is_measured_in_the_model_compute_dtype(monkeypatch, tmp_path):
     assert any("measured bfloat16 2048³ matmul" in line for line in lines), lines
 
 
+def test_a_configured_peak_on_cpu_counts_the_host_once_not_each_emulated_device():
+    """train.peak_flops on CPU: the 8 emulated devices of this process share its cores, so the
+    total is the configured peak (x processes), not x 8 (an 8x low MFU)."""
+    from trinity_jax.config import TrainConfig
+    from trinity_jax.train.metrics import peak_flops_total
+    assert jax.device_count() == 8 and jax.default_backend() == "cpu"
+    peak, how = peak_flops_total(TrainConfig(peak_flops=2e11))
+    assert peak == 2e11 and "processes" in how
+
+
 def test_host_cpu_names_the_model_and_the_bf16_matmul_isa(tmp_path):
     """Speed figures are tagged with the host: AMX outranks AVX-512 BF16, which outranks none;
     the first core's fields are read; an unreadable file gives "unknown", not an error."""

@@ -283,7 +283,7 @@ class TrainConfig:
     # slower than with the whole 512-position sequence as one chunk (1.01x, replicated builds).
     loss_chunk_size: int = 128
     max_nonfinite_steps: int = 5
-    peak_flops: float = 0.0    # per device; 0 = measure a matmul at start-up for MFU
+    peak_flops: float = 0.0    # per device (CPU: per process); 0 = measure a matmul at start-up for MFU
     batch_ramp: tuple = ()     # ((tokens_seen, batch_size), ...) ascending
 
     def validate(self) -> None:

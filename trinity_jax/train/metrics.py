@@ -214,11 +214,14 @@ def describe_host() -> str:
 def peak_flops_total(train_cfg, dtype=jnp.float32) -> tuple[float, str]:
     """Peak FLOP/s of all devices together and how it was obtained.
 
-    ``train.peak_flops`` is per device; 0 measures a matmul in `dtype` (the model's compute
-    dtype: bf16 products run ~4x faster than f32 ones on this CPU) at start-up. On CPU the
-    emulated devices share the same cores, so the measured host figure is the total.
+    ``train.peak_flops`` is per device (on CPU per process: its emulated devices share the
+    host's cores, so multiplying by them would make MFU 8x too low); 0 measures a matmul in
+    `dtype` (the model's compute dtype: bf16 products run 2-4x faster than f32 ones on these
+    CPUs) at start-up, and on CPU that host figure is the total.
     """
     if train_cfg.peak_flops > 0:
+        if jax.default_backend() == "cpu":
+            return train_cfg.peak_flops * jax.process_count(), "train.peak_flops × processes (CPU)"
         return train_cfg.peak_flops * jax.device_count(), "train.peak_flops × devices"
     peak = measure_matmul_peak(dtype=dtype)
     what = f"measured {jnp.dtype(dtype).name} 2048³ matmul"
