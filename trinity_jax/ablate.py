@@ -32,6 +32,7 @@ import time
 from typing import Callable, Sequence
 
 from trinity_jax.config import ConfigError, ExperimentConfig, check_workdir_config
+from trinity_jax.train.metrics import read_metrics
 
 __all__ = ["main", "group_variants", "variant_configs", "check_resumable", "is_finished", "run_variant", "read_metrics",
            "summarize", "comparison_table", "write_comparison"]
@@ -90,21 +91,6 @@ def check_resumable(cfg: ExperimentConfig, vdir: str) -> None:
 
 
 # ----------------------------------------------------------------------------- running
-
-def read_metrics(vdir: str) -> list[dict]:
-    """metrics.jsonl records (lines cut by a kill are skipped)."""
-    path = os.path.join(vdir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
-
 
 def is_finished(vdir: str, steps: int) -> bool:
     """A record at ``steps`` carrying ``val_loss`` (the loop's final evaluation) exists."""

@@ -29,6 +29,7 @@ from trinity_jax.checkpoint.hf import check_hf_output_dir, check_output_dir, mov
 from trinity_jax.config import ConfigError, ModelConfig, model_config
 
 VARIANTS = ("truebase", "base", "preview")
+DTYPES = ("bfloat16", "float32", "float16")
 _MARKER = "metadata.json"
 
 
@@ -55,13 +56,11 @@ def check_variant_output_dir(path: str) -> None:
 
 
 def _cast(tree: Any, dtype: str) -> Any:
-    """Leaves in `dtype`: on the host, except in a multi-process run, where global arrays stay
-    sharded on their devices (every process takes part; none holds the whole model)."""
+    """Leaves in `dtype`; jax arrays stay on their devices (a multi-process run's global arrays
+    stay sharded: every process takes part, none holds the whole model)."""
     dt = jnp.dtype(dtype)
-    if jax.process_count() > 1:
-        return jax.tree_util.tree_map(lambda x: x.astype(dt) if isinstance(x, jax.Array)
-                                      else np.asarray(x).astype(dt), tree)
-    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)).astype(dt), tree)
+    return jax.tree_util.tree_map(lambda x: x.astype(dt) if isinstance(x, jax.Array)
+                                  else np.asarray(x).astype(dt), tree)
 
 
 def save_variant(model, path: str, *, name: str, metadata: dict | None = None, dtype: str = "bfloat16",
@@ -87,8 +86,8 @@ def save_variant_arrays(variables: dict, config: ModelConfig, path: str, *, name
     (no process gathers the whole model). Single-process: any arrays, a private temp dir."""
     import orbax.checkpoint as ocp
 
-    if dtype not in ("bfloat16", "float32", "float16"):
-        raise ConfigError(f"variant dtype={dtype!r}: allowed bfloat16, float32, float16")
+    if dtype not in DTYPES:
+        raise ConfigError(f"variant dtype={dtype!r}: allowed {list(DTYPES)}")
     path = os.path.abspath(path)
     check_variant_output_dir(path)
     parent = os.path.dirname(path)
@@ -179,8 +178,8 @@ def export(workdir: str, name: str, *, hf_dir: str | None = None, dtype: str | N
     experiment.json, tokenizer and metadata); `dtype=None` leaves it byte-for-byte as it is."""
     if name not in VARIANTS:
         raise ConfigError(f"--variant {name!r}: allowed {list(VARIANTS)}")
-    if dtype is not None and dtype not in ("bfloat16", "float32", "float16"):
-        raise ConfigError(f"--dtype {dtype!r}: allowed bfloat16, float32, float16")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: allowed {list(DTYPES)}")
     path = os.path.join(workdir, "variants", name)
     if not is_variant_dir(path):
         raise FileNotFoundError(f"{path}: variant {name!r} has not been written yet (train through its phase first)")

@@ -86,8 +86,9 @@ def validate_mesh_for(cfg: ExperimentConfig, n_devices: Optional[int] = None) ->
 
     Raises ConfigError (naming the fields and the numbers) when: the mesh product differs
     from the device count; ``expert`` does not divide ``model.num_experts``; ``tensor`` does
-    not divide the query or kv heads, or (expert parallel) the experts' width; or the global (micro)batch is not divisible by the
-    data-parallel size replica*fsdp*expert.
+    not divide the query or kv heads, (expert parallel) the experts' width, or (multi-process)
+    one process's devices; or the global (micro)batch is not divisible by the data-parallel
+    size replica*fsdp*expert.
     """
     if n_devices is None:
         n_devices = jax.device_count()

@@ -14,8 +14,9 @@ import numpy as np
 
 from trinity_jax.model.mlp import dot_nn
 
-__all__ = ["MetricsWriter", "truncate_metrics", "to_python", "flops_per_token", "measure_matmul_peak", "host_cpu", "describe_host",
-           "peak_flops_total", "plot_losses", "plot_expert_load"]
+__all__ = ["MetricsWriter", "read_metrics", "truncate_metrics", "to_python", "flops_per_token",
+           "measure_matmul_peak", "host_cpu", "describe_host", "peak_flops_total", "plot_losses",
+           "plot_expert_load"]
 
 
 def to_python(metrics: dict) -> dict:
@@ -50,23 +51,29 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+def read_metrics(workdir: str) -> list[dict]:
+    """``workdir/metrics.jsonl``'s records (a line cut by a kill is skipped)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
 def truncate_metrics(workdir: str, step: int) -> list[dict]:
     """Drop metrics.jsonl records after `step` (in place: an open append handle stays valid)."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
-    kept, lines = [], []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue                      # a line cut by a kill
-            if int(rec.get("step", 0)) <= step:
-                kept.append(rec)
-                lines.append(json.dumps(rec, allow_nan=True) + "\n")
+    kept = [r for r in read_metrics(workdir) if int(r.get("step", 0)) <= step]
     with open(path, "r+") as f:
-        f.write("".join(lines))
+        f.write("".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
         f.truncate()
     return kept
 
@@ -185,7 +192,7 @@ def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> dict:
     peak on 2 cores was 525-1,380 GFLOP/s in sessions whose host went unrecorded, 350-390 on
     a Zen 4 host), so a speed figure is only comparable with others from the same kind of
     host. Where the file cannot be read, model and ISA are "unknown"."""
-    model, flags = "unknown", set()
+    model, flags = "unknown", None
     try:
         with open(cpuinfo) as f:
             for line in f:
@@ -193,11 +200,11 @@ def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> dict:
                 key = key.strip()
                 if key == "model name" and model == "unknown":
                     model = value.strip()
-                elif key == "flags" and not flags:
+                elif key == "flags" and flags is None:
                     flags = set(value.split())
     except OSError:
-        return {"model": model, "cores": os.cpu_count(), "bf16_matmul": "unknown"}
-    isa = next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), "none")
+        pass
+    isa = "unknown" if flags is None else next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), "none")
     return {"model": model, "cores": os.cpu_count(), "bf16_matmul": isa}
 
 
