@@ -217,7 +217,8 @@ def make_optimizer(optim_cfg, params: Any, schedules: dict) -> Optimizer:
 
     Muon branch: Nesterov momentum (``muon_momentum``), ``ns_steps`` Newton–Schulz steps per
     matrix (last two axes), decoupled decay ``weight_decay·lr`` (not scaled by the
-    √max(1, fan_out/fan_in) factor, which is in ``ParamRule.lr_scale``). AdamW branch: β=(adam_b1, adam_b2), eps. Decay is
+    √max(1, fan_out/fan_in) factor, which is in ``ParamRule.lr_scale``). AdamW branch:
+    β=(adam_b1, adam_b2), eps. Decay is
     0 for rules with ``decay=False`` (a separate ``*_nodecay`` branch). Global-norm clipping
     (``clip_norm``, 0 = off) over all gradients comes first.
     """
